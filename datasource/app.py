@@ -1,0 +1,74 @@
+"""The Flask application factory: settings, the connection pool, routes, JSON errors.
+
+Every error leaves as JSON with a ``message``: a client mistake is a 4xx that
+says what and where, a statement timeout is a 503, and nothing else is a 500
+unless it is our bug.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg2
+import psycopg2.errors
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from datasource import db, store
+from datasource.config import Settings
+from datasource.records import BatchError
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app. ``config`` overrides environment settings (tests pass DATABASE_URL here)."""
+    settings = Settings.from_env(**(config or {}))
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["settings"] = settings
+
+    url = db.resolve_url(settings.database_url, settings.data_dir)
+    conn = db.connect(url, statement_timeout_ms=0)
+    try:
+        db.migrate(conn)
+        store.check_schema(conn)
+    finally:
+        conn.close()
+    app.extensions["pool"] = db.Pool(url, settings.pool_size, settings.statement_timeout_ms)
+
+    from datasource import metrics
+    from datasource.api import bp as api_bp
+    from datasource.grafana import bp as grafana_bp
+
+    metrics.load_user_modules(settings.metrics_modules)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(grafana_bp)
+    _register_errors(app)
+    return app
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(BatchError)
+    def batch_error(e: BatchError):
+        return jsonify(e.to_json()), e.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return jsonify({"message": e.description or e.name}), e.code
+
+    @app.errorhandler(psycopg2.errors.QueryCanceled)
+    def timeout(e):
+        return jsonify({"message": "the query exceeded the statement timeout; "
+                                   "narrow the time range or widen the step"}), 503
+
+    @app.errorhandler(psycopg2.OperationalError)
+    def db_down(e):
+        log.warning("database unavailable: %s", e)
+        return jsonify({"message": "the database is unavailable"}), 503
+
+    @app.errorhandler(Exception)
+    def internal(e: Exception):
+        log.exception("unhandled error")
+        return jsonify({"message": f"internal error: {type(e).__name__}"}), 500

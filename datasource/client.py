@@ -1,0 +1,166 @@
+"""A Python client for writing predictions, feedback and model events.
+
+Two transports, one behaviour:
+
+* ``Client.local()`` talks to PostgreSQL directly (COPY into staging tables,
+  the bulk path for backfills);
+* ``Client.remote(url)`` posts JSON batches to a running server.
+
+Both validate with ``datasource.records`` and write with ``datasource.store``
+(the remote one on the server side), so they leave identical tables behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from itertools import islice
+
+from datasource import db, ingest, records
+from datasource.config import Settings
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _jsonable(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "isoformat"):  # pandas.Timestamp, numpy datetime via pandas
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot send {type(value).__name__} as JSON")
+
+
+class Client:
+    """Write API; use ``Client.local()`` or ``Client.remote()`` to build one."""
+
+    def __init__(self, transport):
+        self._t = transport
+
+    @classmethod
+    def local(cls, database_url: str | None = None, data_dir: str | None = None,
+              batch_size: int = 50_000) -> Client:
+        settings = Settings.from_env(database_url=database_url, data_dir=data_dir)
+        return cls(_Local(settings, batch_size))
+
+    @classmethod
+    def remote(cls, base_url: str, token: str | None = None, batch_size: int = 5_000,
+               timeout: float = 120.0) -> Client:
+        return cls(_Remote(base_url, token, batch_size, timeout))
+
+    def register_model(self, name: str, task: str = "binary_classification",
+                       threshold: float | None = None, description: str = "") -> dict:
+        body = {"name": name, "task": task, "description": description}
+        if threshold is not None:
+            body["threshold"] = threshold
+        return self._t.register_model(body)
+
+    def write_predictions(self, model: str, recs: Iterable[dict]) -> int:
+        """Upsert predictions ``{"id", "ts", "score", "segments", "features"}``; returns count."""
+        return sum(self._t.write("predictions", model, b) for b in _batches(recs, self._t.batch_size))
+
+    def write_feedback(self, model: str, recs: Iterable[dict]) -> int:
+        """Upsert feedback ``{"id", "ts", "label"}``; returns count."""
+        return sum(self._t.write("feedback", model, b) for b in _batches(recs, self._t.batch_size))
+
+    def add_event(self, model: str, ts, title: str, text: str = "", tags: Iterable[str] = (),
+                  time_end=None, kind: str = "event") -> int:
+        body = {"ts": ts, "title": title, "text": text, "tags": list(tags),
+                "time_end": time_end, "kind": kind}
+        return self._t.add_event(model, body)
+
+    def latest_prediction_ts(self, model: str) -> datetime | None:
+        return self._t.latest_prediction_ts(model)
+
+    def close(self) -> None:
+        self._t.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Local:
+    def __init__(self, settings: Settings, batch_size: int):
+        self.settings = settings
+        self.batch_size = batch_size
+        url = db.resolve_url(settings.database_url, settings.data_dir)
+        self.conn = db.connect(url, statement_timeout_ms=0)  # backfills may run long
+        db.migrate(self.conn)
+
+    def _tx(self, fn, *args):
+        try:
+            result = fn(self.conn, *args)
+            self.conn.commit()
+            return result
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def register_model(self, body: dict) -> dict:
+        model, created = self._tx(ingest.register_model, body)
+        return {"name": model.name, "task": model.task, "threshold": model.threshold,
+                "created": created}
+
+    def write(self, kind: str, model: str, batch: list) -> int:
+        fn = ingest.write_predictions if kind == "predictions" else ingest.write_feedback
+        # Records may come straight from pandas: validation wants plain Python values.
+        return self._tx(fn, model, batch, max(len(batch), 1))
+
+    def add_event(self, model: str, body: dict) -> int:
+        return self._tx(ingest.add_event, model, body)
+
+    def latest_prediction_ts(self, model: str):
+        return self._tx(ingest.latest_prediction_ts, model)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Remote:
+    def __init__(self, base_url: str, token: str | None, batch_size: int, timeout: float):
+        import requests
+
+        self.base = base_url.rstrip("/")
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["Content-Type"] = "application/json"
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def _post(self, path: str, body: dict) -> dict:
+        resp = self.session.post(self.base + path, data=json.dumps(body, default=_jsonable),
+                                 timeout=self.timeout)
+        payload = resp.json() if resp.content else {}
+        if resp.status_code >= 400:
+            raise records.BatchError(payload.get("message", resp.text), payload.get("errors"),
+                                     status=resp.status_code)
+        return payload
+
+    def register_model(self, body: dict) -> dict:
+        return self._post("/api/v1/models", body)
+
+    def write(self, kind: str, model: str, batch: list) -> int:
+        return self._post(f"/api/v1/{kind}", {"model": model, "records": batch})["written"]
+
+    def add_event(self, model: str, body: dict) -> int:
+        return self._post("/api/v1/events", {"model": model, **body})["event_id"]
+
+    def latest_prediction_ts(self, model: str):
+        resp = self.session.get(f"{self.base}/api/v1/models/{model}", timeout=self.timeout)
+        if resp.status_code >= 400:
+            raise records.BatchError(resp.json().get("message", resp.text), status=resp.status_code)
+        latest = resp.json().get("latest_prediction_ts")
+        return records.parse_ts(latest) if latest else None
+
+    def close(self) -> None:
+        self.session.close()

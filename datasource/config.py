@@ -1,0 +1,45 @@
+"""Settings, read once from the environment, with defaults that make a demo work.
+
+Every setting is documented here and in the README; unknown ``MLSLI_*``-style
+keys are not silently accepted because there are none: the list is closed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server and the client need to know about their surroundings."""
+
+    database_url: str | None = None  # DATABASE_URL; None -> embedded PostgreSQL
+    data_dir: str = ".data"  # DATA_DIR: embedded PostgreSQL data, trained models
+    ingest_token: str | None = None  # INGEST_TOKEN: when set, writes need a bearer token
+    statement_timeout_ms: int = 10_000  # STATEMENT_TIMEOUT_MS: no query runs longer
+    max_batch_records: int = 50_000  # MAX_BATCH_RECORDS: records per ingest request
+    max_body_bytes: int = 64 * 1024 * 1024  # MAX_BODY_BYTES: request body limit
+    pool_size: int = 8  # POOL_SIZE: connections per server process
+    metrics_modules: tuple[str, ...] = field(default_factory=tuple)  # METRICS_MODULES (comma list)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
+        """Build settings from environment variables, then apply explicit overrides."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name == "metrics_modules":
+                values[f.name] = tuple(m.strip() for m in raw.split(",") if m.strip())
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

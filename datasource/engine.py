@@ -1,0 +1,328 @@
+"""The metric engine: evaluates a metric over windows on the time grid.
+
+Partial metrics: partials are summed per bucket of width g = gcd(window,
+step) (from the per-minute rollup when g is whole minutes and the threshold
+is the model's, else from raw rows with the same SQL), laid on a dense grid,
+prefix-summed, and each point's window is a difference of two prefix sums:
+O(buckets) whatever the number of predictions.
+
+Raw metrics: the joined rows of the whole span are read once, each point's
+window is a slice found by binary search, and the function runs on it. A
+point's value is cached with the highest write revision of the rollup rows
+its window covers, so it is recomputed only when a write touched the window.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from datasource import store, windows
+from datasource.metrics import Metric
+from datasource.store import PARTIALS, ROLLUP_BUCKET_S, Model
+
+TOP_GROUPS = 10
+OTHER = "other"
+NONE_VALUE = "(none)"
+_TOTAL_G = ROLLUP_BUCKET_S * 10**9  # one bucket that holds all time: for prefix sums
+
+
+class QueryError(ValueError):
+    """A query the engine cannot answer as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    model: Model
+    metric: Metric
+    window: windows.Window
+    mode: str
+    threshold: float | None
+    segset_ids: tuple[int, ...] | None  # None: every segment
+    group_by: str | None
+    segsets: dict = field(default_factory=dict, compare=False, hash=False)  # id -> segments
+    params: tuple = ()  # sorted (name, value) pairs of metric payloads
+
+    @property
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+
+@dataclass
+class Series:
+    name: str
+    times_s: np.ndarray
+    values: np.ndarray  # nan = gap
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass
+class WindowRows:
+    """What a raw metric sees: the labeled rows of one window (all rows if not labeled_only)."""
+
+    y_true: np.ndarray
+    y_score: np.ndarray
+    y_pred: np.ndarray
+    delay: np.ndarray
+    params: dict
+
+
+# ----------------------------------------------------------------------- groups
+
+
+def _group_of(q: Query) -> dict[int, str] | None:
+    """segset_id -> group value for group_by (None when not grouping)."""
+    if not q.group_by:
+        return None
+    return {sid: str(seg.get(q.group_by, NONE_VALUE)) for sid, seg in q.segsets.items()}
+
+
+def _top_groups(volume: pd.Series) -> dict[str, str]:
+    """Keep the TOP_GROUPS values with most predictions; fold the rest into 'other'."""
+    ordered = volume.sort_values(ascending=False, kind="mergesort")
+    keep = list(ordered.index[:TOP_GROUPS])
+    return {g: (g if g in keep else OTHER) for g in ordered.index}
+
+
+# ----------------------------------------------------------------------- partial metrics
+
+
+def _use_rollup(q: Query, g: int) -> bool:
+    same_threshold = not q.model.is_classifier or q.threshold == q.model.threshold
+    return g % ROLLUP_BUCKET_S == 0 and same_threshold
+
+
+def _partials(conn, q: Query, *, g: int, lo: int | None, hi: int, from_rollup: bool) -> pd.DataFrame:
+    return store.partials_by_bucket(
+        conn, q.model, g_s=g, lo_s=lo, hi_s=hi,
+        segset_ids=q.segset_ids, by_segset=q.group_by is not None,
+        threshold=q.threshold if q.model.is_classifier else None, from_rollup=from_rollup)
+
+
+def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
+    groups = _group_of(q)
+    if groups is None:
+        return {"": df}
+    if df.empty:
+        return {}
+    df = df.assign(group=df["segset_id"].map(groups).fillna(NONE_VALUE))
+    mapping = _top_groups(df.groupby("group")["n_pred"].sum())
+    df["group"] = df["group"].map(mapping)
+    cols = ["bucket_end", *PARTIALS]
+    return {g: part[cols].groupby("bucket_end", as_index=False).sum()
+            for g, part in df.groupby("group", sort=True)}
+
+
+def partial_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
+    g = windows.bucket_width(q.window, step, q.mode)
+    span = windows.span_of(q.window, step, q.mode)
+    start = int(points[0]) - (span if span is not None else step)
+    n_buckets = (int(points[-1]) - start) // g
+    if n_buckets > windows.MAX_GRID_BUCKETS:
+        raise QueryError(f"window {q.window.text} at a {step}s step needs {n_buckets} buckets of "
+                         f"{g}s; choose a window that is a multiple of the step")
+    from_rollup = _use_rollup(q, g)
+    df = _partials(conn, q, g=g, lo=start, hi=int(points[-1]), from_rollup=from_rollup)
+    prefix_groups = {}
+    if span is None:
+        prefix = _partials(conn, q, g=_TOTAL_G, lo=None, hi=start,
+                           from_rollup=from_rollup and start % ROLLUP_BUCKET_S == 0)
+        prefix_groups = {k: v[list(PARTIALS)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
+    out = []
+    names = sorted(set(_grouped(df, q)) | set(prefix_groups)) if q.group_by else [""]
+    by_group = _grouped(df, q)
+    pidx = (points - start) // g
+    for name in names:
+        part = by_group.get(name)
+        dense = np.zeros((n_buckets + 1, len(PARTIALS)))
+        if part is not None and not part.empty:
+            idx = ((part["bucket_end"].to_numpy(np.int64) - start) // g)
+            np.add.at(dense, idx, part[list(PARTIALS)].to_numpy(np.float64))
+        csum = np.cumsum(dense, axis=0)  # csum[k]: buckets 1..k (bucket 0 is empty by construction)
+        if span is None:
+            win = csum[pidx] + prefix_groups.get(name, np.zeros(len(PARTIALS)))
+        else:
+            win = csum[pidx] - csum[pidx - span // g]
+        sums = {c: win[:, j] for j, c in enumerate(PARTIALS)}
+        values = np.asarray(q.metric.finalize(sums), dtype=np.float64)
+        out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
+    return out
+
+
+# ----------------------------------------------------------------------- raw metrics
+
+
+class _Cache:
+    """LRU of raw-metric values keyed by (query, point), valid for a write revision."""
+
+    def __init__(self, size: int = 200_000):
+        self.size = size
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, revision):
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is None or hit[0] != revision:
+                return None
+            self._data.move_to_end(key)
+            return hit
+
+    def put(self, key, revision, value) -> None:
+        with self._lock:
+            self._data[key] = (revision, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+CACHE = _Cache()
+_stats = {"hits": 0, "misses": 0}
+
+
+def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> np.ndarray:
+    """Highest write revision of any minute bucket overlapping each point's window."""
+    m = ROLLUP_BUCKET_S
+    lo = None if span is None else (int(points[0]) - span) // m * m
+    hi = -(-int(points[-1]) // m) * m
+    df = store.partials_by_bucket(conn, q.model, g_s=m, lo_s=lo, hi_s=hi, segset_ids=None,
+                                  by_segset=False, threshold=q.model.threshold, from_rollup=True)
+    if df.empty:
+        return np.zeros(len(points), dtype=np.int64)
+    ends = df["bucket_end"].to_numpy(np.int64)
+    order = np.argsort(ends)
+    ends, revs = ends[order], df["revision"].to_numpy(np.int64)[order]
+    hi_idx = np.searchsorted(ends, -(-points // m) * m, side="right")
+    if span is None:
+        running = np.maximum.accumulate(revs)
+        return np.where(hi_idx > 0, running[np.maximum(hi_idx - 1, 0)], 0)
+    lo_idx = np.searchsorted(ends, (points - span) // m * m, side="right")
+    return np.array([revs[a:b].max() if b > a else 0 for a, b in zip(lo_idx, hi_idx, strict=True)])
+
+
+def _evaluate(metric: Metric, rows: WindowRows) -> float:
+    value = metric.raw(rows)
+    return float(value) if value is not None else np.nan
+
+
+def raw_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
+    span = windows.span_of(q.window, step, q.mode)
+    revisions = _window_revisions(conn, q, points, span)
+    key_base = (q.model.model_id, q.metric.name, q.window.text, q.mode, q.threshold,
+                q.segset_ids, q.group_by, q.params, step if q.mode == "tumbling" else None)
+    groups = _group_of(q)
+    todo = np.arange(len(points))
+    vals = np.full(len(points), np.nan)
+    if groups is None:
+        # Every point may already be cached: then no rows are read at all.
+        still = []
+        for i in todo:
+            hit = CACHE.get((*key_base, "", int(points[i])), int(revisions[i]))
+            if hit is None:
+                still.append(i)
+            else:
+                vals[i] = hit[1]
+        _stats["hits"] += len(todo) - len(still)
+        todo = np.asarray(still, dtype=np.int64)
+        if len(todo) == 0:
+            return [Series("", points, vals)]
+    need = points[todo]
+    lo = None if span is None else int(need[0]) - span
+    rows = store.joined_rows(conn, q.model, lo_s=lo, hi_s=int(need[-1]), segset_ids=q.segset_ids)
+    if groups is not None:
+        rows["group"] = rows["segset_id"].map(groups).fillna(NONE_VALUE)
+        mapping = _top_groups(rows.groupby("group").size()) if len(rows) else {}
+        rows["group"] = rows["group"].map(mapping)
+        parts = dict(iter(rows.groupby("group", sort=True)))
+    else:
+        parts = {"": rows}
+    out = []
+    params = q.param_dict
+    for name, part in parts.items():
+        values = vals.copy()
+        ts = part["ts_s"].to_numpy()
+        score = part["score"].to_numpy()
+        label = part["label"].to_numpy()
+        delay = part["delay_s"].to_numpy()
+        hi_idx = np.searchsorted(ts, points, side="right")
+        lo_idx = (np.zeros(len(points), dtype=np.int64) if span is None
+                  else np.searchsorted(ts, points - span, side="right"))
+        for i in todo:
+            a, b = lo_idx[i], hi_idx[i]
+            y, s, d = label[a:b], score[a:b], delay[a:b]
+            if q.metric.labeled_only:
+                keep = ~np.isnan(y)
+                y, s, d = y[keep], s[keep], d[keep]
+            pred = (s >= q.threshold).astype(np.float64) if q.model.is_classifier else s
+            values[i] = _evaluate(q.metric, WindowRows(y, s, pred, d, params))
+            if groups is None:
+                CACHE.put((*key_base, name, int(points[i])), int(revisions[i]), values[i])
+        _stats["misses"] += len(todo)
+        out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
+    return out
+
+
+def series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
+    """One series (or one per group) of the metric at each point."""
+    if len(points) == 0:
+        return [] if q.group_by else [Series("", points, np.empty(0))]
+    if q.metric.kind == "partial":
+        return partial_series(conn, q, points, step)
+    return raw_series(conn, q, points, step)
+
+
+# ----------------------------------------------------------------------- tables
+
+
+def _range_rows(conn, q: Query, from_s: float, to_s: float) -> pd.DataFrame:
+    rows = store.joined_rows(conn, q.model, lo_s=from_s, hi_s=to_s, segset_ids=q.segset_ids)
+    return rows[~rows["label"].isna()]
+
+
+def confusion_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
+    """Actual x predicted counts for labeled predictions with ts in (from, to]."""
+    aligned = from_s % ROLLUP_BUCKET_S == 0 and to_s % ROLLUP_BUCKET_S == 0
+    ungrouped = Query(q.model, q.metric, q.window, q.mode, q.threshold, q.segset_ids, None,
+                      q.segsets, q.params)
+    df = _partials(conn, ungrouped, g=_TOTAL_G, lo=int(from_s) if aligned else from_s, hi=int(to_s) if aligned else to_s,
+        from_rollup=aligned and _use_rollup(q, ROLLUP_BUCKET_S))
+    tot = df[list(PARTIALS)].sum() if not df.empty else pd.Series(0.0, index=list(PARTIALS))
+    tp, fp = int(tot["tp"]), int(tot["fp"])
+    pos, n = int(tot["sum_label"]), int(tot["n_lab"])
+    fn, tn = pos - tp, n - pos - fp
+    columns = [{"text": "actual", "type": "string"}, {"text": "predicted 0", "type": "number"},
+               {"text": "predicted 1", "type": "number"}, {"text": "total", "type": "number"}]
+    rows = [["0", tn, fp, tn + fp], ["1", fn, tp, fn + tp], ["total", tn + fn, fp + tp, n]]
+    return columns, rows
+
+
+def calibration_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
+    from datasource.metrics import calibration_bins
+
+    rows = _range_rows(conn, q, from_s, to_s)
+    lower, upper, count, mean_score, rate = calibration_bins(
+        rows["label"].to_numpy(), rows["score"].to_numpy())
+    columns = [{"text": "bin", "type": "string"}, {"text": "lower", "type": "number"},
+               {"text": "upper", "type": "number"}, {"text": "mean score", "type": "number"},
+               {"text": "observed rate", "type": "number"}, {"text": "count", "type": "number"}]
+    out = []
+    for lo, up, c, ms, r in zip(lower, upper, count, mean_score, rate, strict=True):
+        out.append([f"{lo:.1f}–{up:.1f}", float(lo), float(up), None if np.isnan(ms) else float(ms),
+                    None if np.isnan(r) else float(r), int(c)])
+    return columns, out
+
+
+def table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
+    if q.metric.name == "confusion_matrix":
+        return confusion_table(conn, q, from_s, to_s)
+    if q.metric.name == "calibration":
+        return calibration_table(conn, q, from_s, to_s)
+    raise QueryError(f"{q.metric.name} is not a table metric")

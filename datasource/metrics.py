@@ -1,0 +1,350 @@
+"""The metric registry: built-in SLIs, scikit-learn functions and users' own.
+
+Three kinds of metric:
+
+* ``partial``: a finalizer over mergeable partial sums (``store.PARTIALS``).
+  A window's value is the finalizer applied to the sum of its buckets'
+  partials, so it costs O(buckets) and is exact.
+* ``raw``: a Python function evaluated on the joined rows of each window
+  (ROC AUC, average precision, quantiles, calibration error, any
+  ``f(y_true, y_score)``); results are cached while the window is unchanged.
+* ``table``: one table over the selected range (confusion matrix, calibration).
+
+Undefined values (0/0, one class only) are ``nan`` here and gaps in Grafana.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CLF = "binary_classification"
+REG = "regression"
+BOTH = frozenset({CLF, REG})
+
+
+class MetricError(ValueError):
+    """An unknown metric or a metric used where it does not apply."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    description: str
+    tasks: frozenset
+    kind: str  # "partial" | "raw" | "table"
+    unit: str = "percentunit"
+    finalize: Callable | None = None  # partial: dict[str, ndarray] -> ndarray
+    uses_threshold: bool = False
+    # raw: fn(window) -> float, where window has y_true, y_score, y_pred, delay, params
+    raw: Callable | None = None
+    labeled_only: bool = True
+    payloads: tuple = field(default_factory=tuple)  # extra payload field names
+    source: str = "builtin"
+
+
+def _div(num, den):
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _cm(p):
+    """tp, fp, fn, tn, n_lab from partials (labels are 0/1 for classifiers)."""
+    tp, fp, n_lab, pos = p["tp"], p["fp"], p["n_lab"], p["sum_label"]
+    fn = pos - tp
+    tn = n_lab - pos - fp
+    return tp, fp, fn, tn, n_lab
+
+
+def _accuracy(p):
+    tp, fp, fn, tn, n = _cm(p)
+    return _div(tp + tn, n)
+
+
+def _precision(p):
+    tp, fp, *_ = _cm(p)
+    return _div(tp, tp + fp)
+
+
+def _recall(p):
+    tp, fp, fn, *_ = _cm(p)
+    return _div(tp, tp + fn)
+
+
+def _f1(p):
+    tp, fp, fn, *_ = _cm(p)
+    return _div(2 * tp, 2 * tp + fp + fn)
+
+
+def _specificity(p):
+    tp, fp, fn, tn, _ = _cm(p)
+    return _div(tn, tn + fp)
+
+
+def _balanced_accuracy(p):
+    """Mean recall of the classes present, as scikit-learn computes it."""
+    tpr, tnr = _recall(p), _specificity(p)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(tpr), tnr, np.where(np.isnan(tnr), tpr, (tpr + tnr) / 2))
+
+
+def _fpr(p):
+    tp, fp, fn, tn, _ = _cm(p)
+    return _div(fp, fp + tn)
+
+
+def _fnr(p):
+    tp, fp, fn, tn, _ = _cm(p)
+    return _div(fn, fn + tp)
+
+
+def _mcc(p):
+    tp, fp, fn, tn, _ = _cm(p)
+    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return _div(tp * tn - fp * fn, den)
+
+
+def _r2(p):
+    n, sy, syy, sse = p["n_lab"], p["sum_label"], p["sum_label_sq"], p["sum_sq_err"]
+    mean = _div(sy, n)
+    with np.errstate(invalid="ignore"):
+        sst = syy - sy * mean
+    # A constant target: scikit-learn gives 1 for a perfect fit, else 0.
+    const = np.abs(sst) <= 1e-12 * np.maximum(np.abs(syy), 1e-300)
+    r2 = 1.0 - _div(sse, np.where(const, np.nan, sst))
+    r2 = np.where(const, np.where(sse == 0, 1.0, 0.0), r2)
+    return np.where(n >= 2, r2, np.nan)
+
+
+def _non_empty(p, values):
+    return np.where(np.asarray(p["n_pred"]) > 0, values, np.nan)
+
+
+# ----------------------------------------------------------------------- raw metrics
+
+
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) identity, ties averaged: as scikit-learn's, O(n log n)."""
+    n_pos = int(np.sum(y_true == 1))
+    n_neg = len(y_true) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.nan
+    from scipy.stats import rankdata
+
+    ranks = rankdata(y_score)
+    return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Step-wise area under the precision-recall curve over distinct thresholds (scikit-learn's)."""
+    n_pos = int(np.sum(y_true == 1))
+    if n_pos == 0:
+        return np.nan
+    order = np.argsort(-y_score, kind="mergesort")
+    s, y = y_score[order], y_true[order]
+    tps = np.cumsum(y)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
+    tp, k = tps[last], last + 1
+    precision = tp / k
+    recall_steps = np.diff(np.r_[0.0, tp]) / n_pos
+    return float(np.sum(recall_steps * precision))
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = CALIBRATION_BINS):
+    """Per equal-width score bin: (lower, upper, count, mean score, observed rate).
+
+    Bin k holds scores in (k/n, (k+1)/n], the first bin also 0: the rule of
+    scikit-learn's ``calibration_curve``.
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ids = np.searchsorted(edges[1:-1], y_score, side="left")
+    count = np.bincount(ids, minlength=n_bins)
+    ssum = np.bincount(ids, weights=y_score, minlength=n_bins)
+    ysum = np.bincount(ids, weights=y_true, minlength=n_bins)
+    return edges[:-1], edges[1:], count, _div(ssum, count), _div(ysum, count)
+
+
+def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    if len(y_true) == 0:
+        return np.nan
+    _, _, count, mean_score, rate = calibration_bins(y_true, y_score)
+    keep = count > 0
+    return float(np.sum(count[keep] / len(y_true) * np.abs(mean_score[keep] - rate[keep])))
+
+
+def _label_delay(w) -> float:
+    if len(w.delay) == 0:
+        return np.nan
+    return float(np.quantile(w.delay, w.params.get("quantile", 0.5)))
+
+
+def _mape(w) -> float:
+    if len(w.y_true) == 0:
+        return np.nan
+    eps = np.finfo(np.float64).eps
+    return float(np.mean(np.abs(w.y_score - w.y_true) / np.maximum(np.abs(w.y_true), eps)))
+
+
+# ----------------------------------------------------------------------- registry
+
+_P = "partial"
+_BUILTINS: list[Metric] = [
+    Metric("accuracy", "Accuracy", "Share of labeled predictions that are right at the threshold.",
+           frozenset({CLF}), _P, finalize=_accuracy, uses_threshold=True),
+    Metric("precision", "Precision", "Of predicted positives, the share labeled positive.",
+           frozenset({CLF}), _P, finalize=_precision, uses_threshold=True),
+    Metric("recall", "Recall", "Of labeled positives, the share predicted positive (TPR).",
+           frozenset({CLF}), _P, finalize=_recall, uses_threshold=True),
+    Metric("f1", "F1", "Harmonic mean of precision and recall.",
+           frozenset({CLF}), _P, finalize=_f1, uses_threshold=True),
+    Metric("specificity", "Specificity", "Of labeled negatives, the share predicted negative (TNR).",
+           frozenset({CLF}), _P, finalize=_specificity, uses_threshold=True),
+    Metric("balanced_accuracy", "Balanced accuracy", "Mean of recall and specificity.",
+           frozenset({CLF}), _P, finalize=_balanced_accuracy, uses_threshold=True),
+    Metric("false_positive_rate", "False positive rate", "Of labeled negatives, the share predicted positive.",
+           frozenset({CLF}), _P, finalize=_fpr, uses_threshold=True),
+    Metric("false_negative_rate", "False negative rate", "Of labeled positives, the share predicted negative.",
+           frozenset({CLF}), _P, finalize=_fnr, uses_threshold=True),
+    Metric("mcc", "Matthews correlation", "Correlation between predicted and observed classes (-1..1).",
+           frozenset({CLF}), _P, unit="none", finalize=_mcc, uses_threshold=True),
+    Metric("log_loss", "Log loss", "Mean cross-entropy of the scores (scores clipped to [eps, 1-eps]).",
+           frozenset({CLF}), _P, unit="none", finalize=lambda p: _div(p["sum_logloss"], p["n_lab"])),
+    Metric("brier_score", "Brier score", "Mean squared difference between score and label.",
+           frozenset({CLF}), _P, unit="none", finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"])),
+    Metric("positive_rate", "Predicted positive rate", "Share of all predictions at or above the threshold.",
+           frozenset({CLF}), _P, finalize=lambda p: _div(p["n_pred_pos"], p["n_pred"]),
+           uses_threshold=True, labeled_only=False),
+    Metric("base_rate", "Observed positive rate", "Share of labeled predictions whose label is 1.",
+           frozenset({CLF}), _P, finalize=lambda p: _div(p["sum_label"], p["n_lab"])),
+    Metric("mean_score", "Mean score", "Mean model output over all predictions.",
+           BOTH, _P, unit="none", finalize=lambda p: _div(p["sum_score"], p["n_pred"]), labeled_only=False),
+    Metric("prediction_count", "Predictions", "Number of predictions in the window.",
+           BOTH, _P, unit="short", finalize=lambda p: _non_empty(p, p["n_pred"]), labeled_only=False),
+    Metric("label_count", "Labeled predictions", "Predictions in the window whose feedback has arrived.",
+           BOTH, _P, unit="short", finalize=lambda p: _non_empty(p, p["n_lab"]), labeled_only=False),
+    Metric("label_coverage", "Label coverage", "Labeled predictions / predictions.",
+           BOTH, _P, finalize=lambda p: _div(p["n_lab"], p["n_pred"]), labeled_only=False),
+    Metric("mae", "MAE", "Mean absolute error.", frozenset({REG}), _P, unit="none",
+           finalize=lambda p: _div(p["sum_abs_err"], p["n_lab"])),
+    Metric("mse", "MSE", "Mean squared error.", frozenset({REG}), _P, unit="none",
+           finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"])),
+    Metric("rmse", "RMSE", "Root mean squared error.", frozenset({REG}), _P, unit="none",
+           finalize=lambda p: np.sqrt(_div(p["sum_sq_err"], p["n_lab"]))),
+    Metric("r2", "R²", "Coefficient of determination (needs 2+ labeled predictions).",
+           frozenset({REG}), _P, unit="none", finalize=_r2),
+    Metric("mean_error", "Mean error (bias)", "Mean of prediction minus label.",
+           frozenset({REG}), _P, unit="none", finalize=lambda p: _div(p["sum_err"], p["n_lab"])),
+    Metric("mape", "MAPE", "Mean absolute percentage error (scikit-learn's definition).",
+           frozenset({REG}), "raw", unit="none", raw=_mape),
+    Metric("roc_auc", "ROC AUC", "Area under the ROC curve (needs both classes).",
+           frozenset({CLF}), "raw", unit="none", raw=lambda w: roc_auc(w.y_true, w.y_score)),
+    Metric("average_precision", "Average precision", "Area under the precision-recall curve.",
+           frozenset({CLF}), "raw", unit="none", raw=lambda w: average_precision(w.y_true, w.y_score)),
+    Metric("expected_calibration_error", "Expected calibration error",
+           "Count-weighted |mean score - observed rate| over 10 equal-width score bins.",
+           frozenset({CLF}), "raw", unit="none",
+           raw=lambda w: expected_calibration_error(w.y_true, w.y_score)),
+    Metric("label_delay", "Label delay", "Quantile (payload 'quantile', default 0.5) of feedback time minus prediction time.",
+           BOTH, "raw", unit="s", raw=_label_delay, payloads=("quantile",)),
+    Metric("confusion_matrix", "Confusion matrix", "Counts of actual x predicted class over the range.",
+           frozenset({CLF}), "table", unit="short", uses_threshold=True),
+    Metric("calibration", "Calibration", "Per score bin over the range: mean score, observed rate, count.",
+           frozenset({CLF}), "table", unit="none"),
+]
+
+REGISTRY: dict[str, Metric] = {m.name: m for m in _BUILTINS}
+
+
+def metric(name: str | None = None, *, input: str = "score", tasks=(CLF, REG), label: str | None = None,
+           unit: str = "none", description: str = ""):
+    """Register ``f(y_true, y_score)`` (``input="score"``) or ``f(y_true, y_pred)`` as a metric.
+
+    Use it in a module named in METRICS_MODULES; the function runs on the
+    labeled rows of each window. ``y_pred`` is the score thresholded at the
+    query's threshold for classifiers, the score itself for regression.
+    """
+    if input not in ("score", "pred"):
+        raise ValueError("input must be 'score' or 'pred'")
+
+    def register(fn: Callable) -> Callable:
+        key = name or fn.__name__
+        REGISTRY[key] = _function_metric(key, fn, input, frozenset(tasks), label, unit,
+                                         description or (fn.__doc__ or "").strip().split("\n")[0],
+                                         source="user")
+        return fn
+
+    return register
+
+
+def _function_metric(key, fn, input, tasks, label, unit, description, source) -> Metric:
+    def run(w, fn=fn, input=input):
+        if len(w.y_true) == 0:
+            return np.nan
+        value = fn(w.y_true, w.y_score if input == "score" else w.y_pred)
+        value = float(np.asarray(value).item())  # scalars only; arrays raise here
+        return value
+
+    return Metric(key, label or key, description, tasks, "raw", unit=unit, raw=run,
+                  uses_threshold=input == "pred", source=source)
+
+
+# scikit-learn's scoring functions, chosen by signature, never by evaluating request text.
+_SCORE_ARGS = ("y_score", "y_proba", "y_prob", "probas_pred")
+_EXCLUDE = ("curve", "confusion_matrix", "classification_report", "precision_recall_fscore_support")
+
+
+def _sklearn_metrics() -> dict[str, Metric]:
+    import sklearn.metrics as skm
+
+    found = {}
+    for fname in sorted(getattr(skm, "__all__", dir(skm))):
+        fn = getattr(skm, fname, None)
+        if not callable(fn) or any(x in fname for x in _EXCLUDE) or not fname.islower():
+            continue
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if len(params) < 2 or params[0].name != "y_true":
+            continue
+        second = params[1].name
+        required_rest = [p for p in params[2:] if p.default is inspect.Parameter.empty
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required_rest or second not in (*_SCORE_ARGS, "y_pred"):
+            continue
+        module = getattr(fn, "__module__", "")
+        tasks = frozenset({REG}) if "regression" in module else frozenset({CLF})
+        if fname in ("log_loss", "brier_score_loss"):
+            second = "y_proba"
+        key = f"sklearn.{fname}"
+        found[key] = _function_metric(
+            key, fn, "score" if second in _SCORE_ARGS else "pred", tasks,
+            f"sklearn {fname}", "none", f"sklearn.metrics.{fname} on each window's labeled rows",
+            source="sklearn")
+    return found
+
+
+REGISTRY.update(_sklearn_metrics())
+
+
+def load_user_modules(modules) -> None:
+    """Import the modules named in METRICS_MODULES so their @metric functions register."""
+    for mod in modules:
+        importlib.import_module(mod)
+
+
+def get(name: object) -> Metric:
+    if not isinstance(name, str) or name not in REGISTRY:
+        shown = name if isinstance(name, str) else type(name).__name__
+        raise MetricError(f"unknown metric {str(shown)[:80]!r}; POST /metrics lists them")
+    return REGISTRY[name]

@@ -1,0 +1,294 @@
+"""Validation of ingest records: turns client JSON into clean rows or precise errors.
+
+Both write paths (HTTP and the bulk client) go through here, so a record that
+one path accepts the other accepts too, and every rejection names the record
+index, the field and the reason. A batch with any error writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+MAX_ID_LENGTH = 256
+MAX_SEGMENTS = 16
+MAX_SEGMENT_KEY_LENGTH = 64
+MAX_SEGMENT_VALUE_LENGTH = 128
+MAX_FEATURES = 256
+MAX_FEATURE_NAME_LENGTH = 128
+MAX_ERRORS_REPORTED = 100
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_TS = datetime(1900, 1, 1, tzinfo=UTC)
+_MAX_TS = datetime(2200, 1, 1, tzinfo=UTC)
+
+TASKS = ("binary_classification", "regression")
+
+
+class BatchError(ValueError):
+    """A batch was rejected; ``errors`` lists ``{"index", "field", "message"}`` items."""
+
+    def __init__(self, message: str, errors: list[dict] | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or []
+        self.status = status
+
+    def to_json(self) -> dict:
+        body = {"message": self.message}
+        if self.errors:
+            body["errors"] = self.errors[:MAX_ERRORS_REPORTED]
+            body["error_count"] = len(self.errors)
+        return body
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    task: str
+    threshold: float | None
+    description: str = ""
+
+
+def parse_model(body: object) -> ModelSpec:
+    """Validate a model registration: name, task and (for classifiers) a threshold in [0, 1]."""
+    if not isinstance(body, dict):
+        raise BatchError("body must be a JSON object with 'name' and 'task'")
+    errors = []
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 128:
+        errors.append(_err(None, "name", "must be a non-empty string of at most 128 characters"))
+    task = body.get("task", "binary_classification")
+    if task not in TASKS:
+        errors.append(_err(None, "task", f"must be one of {', '.join(TASKS)}"))
+    threshold = body.get("threshold")
+    if task == "binary_classification":
+        if threshold is None:
+            threshold = 0.5
+        if not _is_number(threshold) or not 0.0 <= float(threshold) <= 1.0:
+            errors.append(_err(None, "threshold", "must be a number in [0, 1]"))
+    elif threshold is not None:
+        errors.append(_err(None, "threshold", "only binary classifiers have a threshold"))
+    description = body.get("description", "")
+    if not isinstance(description, str) or len(description) > 4000:
+        errors.append(_err(None, "description", "must be a string of at most 4000 characters"))
+    if errors:
+        raise BatchError("invalid model", errors)
+    return ModelSpec(
+        name=name.strip(),
+        task=task,
+        threshold=None if threshold is None else float(threshold),
+        description=description,
+    )
+
+
+def parse_ts(value: object) -> datetime:
+    """An event time: ISO-8601 (naive means UTC) or epoch milliseconds, as aware UTC.
+
+    Raises ValueError with a reason.
+    """
+    if isinstance(value, datetime):
+        ts = value if value.tzinfo else value.replace(tzinfo=UTC)
+    elif isinstance(value, (bool, np.bool_)) or value is None:
+        raise ValueError("must be an ISO-8601 string or epoch milliseconds")
+    elif _is_number(value):
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        ts = _EPOCH + timedelta(milliseconds=float(value))
+    elif isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"cannot parse {value[:40]!r} as ISO-8601") from None
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+    elif isinstance(value, np.datetime64) and not np.isnat(value):
+        return parse_ts(value.astype("datetime64[us]").item())
+    else:
+        raise ValueError("must be an ISO-8601 string or epoch milliseconds")
+    ts = ts.astimezone(UTC)
+    if not _MIN_TS <= ts < _MAX_TS:
+        raise ValueError("must be between 1900 and 2200")
+    return ts
+
+
+def _is_number(v: object) -> bool:
+    """A real number, numpy scalars included, but not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _err(index: int | None, field: str, message: str) -> dict:
+    return {"index": index, "field": field, "message": message}
+
+
+def _check_id(rec: dict, i: int, errors: list) -> str | None:
+    oid = rec.get("id")
+    if isinstance(oid, int) and not isinstance(oid, bool):
+        oid = str(oid)
+    if not isinstance(oid, str):
+        errors.append(_err(i, "id", "is missing" if oid is None else "must be a string"))
+        return None
+    if not oid:
+        errors.append(_err(i, "id", "must not be empty"))
+        return None
+    if len(oid) > MAX_ID_LENGTH:
+        errors.append(_err(i, "id", f"is longer than {MAX_ID_LENGTH} characters"))
+        return None
+    return oid
+
+
+def _check_ts(rec: dict, i: int, errors: list) -> datetime | None:
+    if "ts" not in rec or rec["ts"] is None:
+        errors.append(_err(i, "ts", "is missing"))
+        return None
+    try:
+        return parse_ts(rec["ts"])
+    except ValueError as e:
+        errors.append(_err(i, "ts", str(e)))
+        return None
+
+
+def _check_segments(rec: dict, i: int, errors: list) -> dict | None:
+    seg = rec.get("segments") or {}
+    if not isinstance(seg, dict):
+        errors.append(_err(i, "segments", "must be an object of string values"))
+        return None
+    if len(seg) > MAX_SEGMENTS:
+        errors.append(_err(i, "segments", f"has more than {MAX_SEGMENTS} keys"))
+        return None
+    for k, v in seg.items():
+        if not k or len(k) > MAX_SEGMENT_KEY_LENGTH:
+            errors.append(_err(i, "segments", f"key {k[:70]!r} must have 1 to {MAX_SEGMENT_KEY_LENGTH} characters"))
+            return None
+        if not isinstance(v, str):
+            errors.append(_err(i, f"segments.{k}", "must be a string"))
+            return None
+        if len(v) > MAX_SEGMENT_VALUE_LENGTH:
+            errors.append(_err(i, f"segments.{k}", f"is longer than {MAX_SEGMENT_VALUE_LENGTH} characters"))
+            return None
+    return seg
+
+
+def _check_features(rec: dict, i: int, errors: list) -> dict | None:
+    feats = rec.get("features") or {}
+    if not isinstance(feats, dict):
+        errors.append(_err(i, "features", "must be an object of numbers"))
+        return None
+    if len(feats) > MAX_FEATURES:
+        errors.append(_err(i, "features", f"has more than {MAX_FEATURES} keys"))
+        return None
+    clean = {}
+    for k, v in feats.items():
+        if not k or len(k) > MAX_FEATURE_NAME_LENGTH:
+            errors.append(_err(i, "features", f"name {k[:70]!r} must have 1 to {MAX_FEATURE_NAME_LENGTH} characters"))
+            return None
+        if v is None:
+            clean[k] = None
+        elif _is_number(v) and math.isnan(v):
+            clean[k] = None  # NaN is how pandas spells "missing"
+        elif _is_number(v) and math.isinf(v):
+            errors.append(_err(i, f"features.{k}", "must be finite"))
+            return None
+        elif _is_number(v):
+            clean[k] = float(v)
+        else:
+            errors.append(_err(i, f"features.{k}", "must be a number or null"))
+            return None
+    return clean
+
+
+@dataclass
+class PredictionRows:
+    ids: list[str]
+    ts: list[datetime]
+    scores: list[float]
+    segments: list[dict]
+    features_json: list[str]
+
+
+@dataclass
+class FeedbackRows:
+    ids: list[str]
+    ts: list[datetime]
+    labels: list[float]
+
+
+def _check_batch(records: object, max_records: int) -> list:
+    if not isinstance(records, list):
+        raise BatchError("'records' must be a list of objects")
+    if len(records) > max_records:
+        raise BatchError(
+            f"too many records: {len(records)} > {max_records} per request", status=413
+        )
+    return records
+
+
+def parse_predictions(records: object, task: str, max_records: int) -> PredictionRows:
+    """Validate prediction records for a model of ``task``; raise BatchError listing all problems."""
+    records = _check_batch(records, max_records)
+    errors: list[dict] = []
+    out = PredictionRows([], [], [], [], [])
+    is_clf = task == "binary_classification"
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            errors.append(_err(i, "", "must be an object"))
+            continue
+        n_err = len(errors)
+        oid = _check_id(rec, i, errors)
+        ts = _check_ts(rec, i, errors)
+        score = rec.get("score")
+        if not _is_number(score):
+            errors.append(_err(i, "score", "is missing" if score is None else "must be a number"))
+        elif not math.isfinite(score):
+            errors.append(_err(i, "score", "must be finite"))
+        elif is_clf and not 0.0 <= score <= 1.0:
+            errors.append(_err(i, "score", "must be a probability in [0, 1] for a classifier"))
+        seg = _check_segments(rec, i, errors)
+        feats = _check_features(rec, i, errors)
+        if len(errors) == n_err:
+            out.ids.append(oid)
+            out.ts.append(ts)
+            out.scores.append(float(score))
+            out.segments.append(seg)
+            out.features_json.append(json.dumps(feats, separators=(",", ":"), allow_nan=False))
+    if errors:
+        raise BatchError(f"{len(errors)} invalid field(s); nothing was written", errors)
+    return out
+
+
+def parse_feedback(records: object, task: str, max_records: int) -> FeedbackRows:
+    """Validate feedback records; classifier labels must be 0 or 1."""
+    records = _check_batch(records, max_records)
+    errors: list[dict] = []
+    out = FeedbackRows([], [], [])
+    is_clf = task == "binary_classification"
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            errors.append(_err(i, "", "must be an object"))
+            continue
+        n_err = len(errors)
+        oid = _check_id(rec, i, errors)
+        ts = _check_ts(rec, i, errors)
+        label = rec.get("label")
+        if not _is_number(label):
+            if isinstance(label, bool) and is_clf:
+                label = int(label)
+            else:
+                errors.append(_err(i, "label", "is missing" if label is None else "must be a number"))
+        if _is_number(label):
+            if not math.isfinite(label):
+                errors.append(_err(i, "label", "must be finite"))
+            elif is_clf and label not in (0, 1):
+                errors.append(_err(i, "label", "must be 0 or 1 for a classifier"))
+        if len(errors) == n_err:
+            out.ids.append(oid)
+            out.ts.append(ts)
+            out.labels.append(float(label))
+    if errors:
+        raise BatchError(f"{len(errors)} invalid field(s); nothing was written", errors)
+    return out

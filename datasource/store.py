@@ -1,0 +1,501 @@
+"""All SQL of the project: models, raw predictions and feedback, rollups, events.
+
+Design, in short:
+
+* ``predictions`` and ``feedback`` are keyed by (model, output_id). A re-sent
+  record replaces the old one (upsert); feedback may come first and joins when
+  its prediction arrives.
+* ``rollup`` holds mergeable partial aggregates (counts and sums, see
+  ``PARTIALS``) per model, one-minute bucket and segment set, plus segset 0 for
+  all segments. Each write batch, under a per-model advisory lock, subtracts
+  the old contribution of the keys it touches, upserts the raw rows and adds
+  their new contribution: the rollup always equals a rebuild from raw rows
+  (``rebuild_rollup`` / ``check_rollup`` prove it).
+* Threshold-dependent partials (``tp``, ``fp``, ``n_pred_pos``) are kept at the
+  model's default threshold; other thresholds are aggregated from raw rows with
+  the very same SQL expressions.
+
+Only parameters (``%(name)s``) carry values; identifiers come from constants.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from datasource.records import FeedbackRows, ModelSpec, PredictionRows
+
+ROLLUP_BUCKET_S = 60
+EPS = float(np.finfo(np.float64).eps)  # the clipping scikit-learn's log_loss applies
+_LOCK_NAMESPACE = 715018
+
+# name -> SQL aggregate over joined rows ``p`` (predictions) LEFT JOIN ``f`` (feedback).
+# %(thr)s is the decision threshold (NULL for regression models).
+PARTIALS: dict[str, str] = {
+    "n_pred": "count(*)",
+    "n_pred_pos": "count(*) FILTER (WHERE p.score >= %(thr)s)",
+    "n_lab": "count(f.label)",
+    "tp": "count(*) FILTER (WHERE f.label = 1 AND p.score >= %(thr)s)",
+    "fp": "count(*) FILTER (WHERE f.label = 0 AND p.score >= %(thr)s)",
+    "sum_score": "coalesce(sum(p.score), 0)",
+    "sum_score_sq": "coalesce(sum(p.score * p.score), 0)",
+    "sum_label": "coalesce(sum(f.label), 0)",
+    "sum_label_sq": "coalesce(sum(f.label * f.label), 0)",
+    "sum_err": "coalesce(sum(p.score - f.label), 0)",
+    "sum_abs_err": "coalesce(sum(abs(p.score - f.label)), 0)",
+    "sum_sq_err": "coalesce(sum((p.score - f.label) * (p.score - f.label)), 0)",
+    "sum_logloss": (
+        "coalesce(sum(CASE WHEN f.label = 1 THEN -ln(least(greatest(p.score, %(eps)s), 1 - %(eps)s))"
+        " WHEN f.label = 0 THEN -ln(least(greatest(1 - p.score, %(eps)s), 1 - %(eps)s)) END), 0)"
+    ),
+}
+COUNT_PARTIALS = ("n_pred", "n_pred_pos", "n_lab", "tp", "fp")
+THRESHOLD_PARTIALS = ("n_pred_pos", "tp", "fp")
+
+_SELECT_PARTIALS = ",\n       ".join(f"{expr} AS {name}" for name, expr in PARTIALS.items())
+_COLS = ", ".join(PARTIALS)
+_JOIN = (
+    "FROM predictions p LEFT JOIN feedback f"
+    " ON f.model_id = p.model_id AND f.output_id = p.output_id"
+)
+_MINUTE_BUCKET = "(ceil(extract(epoch FROM p.ts) / 60)::bigint * 60)"
+
+
+@dataclass(frozen=True)
+class Model:
+    model_id: int
+    name: str
+    task: str
+    threshold: float | None
+    description: str
+    created_at: datetime
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task == "binary_classification"
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def check_schema(conn) -> None:
+    """Fail fast when the rollup table and PARTIALS disagree (a migration is missing)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_name = 'rollup' AND table_schema = current_schema()"
+        )
+        have = {r[0] for r in cur.fetchall()}
+    missing = set(PARTIALS) - have
+    if missing:
+        raise RuntimeError(f"rollup table lacks partial columns {sorted(missing)}")
+
+
+# --------------------------------------------------------------------------- models
+
+_MODEL_COLS = "model_id, name, task, threshold, description, created_at"
+
+
+def get_model(conn, name: str) -> Model | None:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_MODEL_COLS} FROM models WHERE name = %(n)s", {"n": name})
+        row = cur.fetchone()
+    return Model(*row) if row else None
+
+
+def list_models(conn) -> list[Model]:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_MODEL_COLS} FROM models ORDER BY name")
+        return [Model(*r) for r in cur.fetchall()]
+
+
+def upsert_model(conn, spec: ModelSpec) -> tuple[Model, bool]:
+    """Register or update a model; returns (model, created).
+
+    Changing the task of a model that has predictions is refused (ValueError);
+    changing the threshold rebuilds its rollup, whose confusion counts depend on it.
+    """
+    old = get_model(conn, spec.name)
+    with conn.cursor() as cur:
+        if old is None:
+            cur.execute(
+                "INSERT INTO models (name, task, threshold, description)"
+                " VALUES (%(name)s, %(task)s, %(thr)s, %(d)s) RETURNING model_id",
+                {"name": spec.name, "task": spec.task, "thr": spec.threshold, "d": spec.description},
+            )
+            model = get_model(conn, spec.name)
+            add_event(conn, model.model_id, model.created_at, "Model registered",
+                      f"task={spec.task} threshold={spec.threshold}", kind="registration",
+                      tags=["registration"])
+            return model, True
+        if old.task != spec.task:
+            cur.execute("SELECT 1 FROM predictions WHERE model_id = %(m)s LIMIT 1", {"m": old.model_id})
+            if cur.fetchone():
+                raise ValueError(f"model {spec.name!r} has predictions as {old.task}; its task cannot change")
+        cur.execute(
+            "UPDATE models SET task = %(task)s, threshold = %(thr)s, description = %(d)s,"
+            " updated_at = now() WHERE model_id = %(m)s",
+            {"task": spec.task, "thr": spec.threshold, "d": spec.description, "m": old.model_id},
+        )
+    model = get_model(conn, spec.name)
+    if model.threshold != old.threshold:
+        rebuild_rollup(conn, model)
+    return model, False
+
+
+# --------------------------------------------------------------------------- events
+
+
+def add_event(conn, model_id: int, ts: datetime, title: str, text: str = "", *,
+              time_end: datetime | None = None, kind: str = "event",
+              tags: Sequence[str] = ()) -> int:
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO model_events (model_id, ts, time_end, kind, title, text, tags)"
+            " VALUES (%(m)s, %(ts)s, %(te)s, %(k)s, %(ti)s, %(tx)s, %(tags)s) RETURNING event_id",
+            {"m": model_id, "ts": ts, "te": time_end, "k": kind, "ti": title, "tx": text,
+             "tags": list(tags)},
+        )
+        return cur.fetchone()[0]
+
+
+def list_events(conn, model_ids: Sequence[int], start: datetime, end: datetime) -> list[tuple]:
+    """Events overlapping [start, end]: (ts, time_end, title, text, tags, model name)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT e.ts, e.time_end, e.title, e.text, e.tags, m.name FROM model_events e"
+            " JOIN models m USING (model_id)"
+            " WHERE e.model_id = ANY(%(ids)s) AND e.ts <= %(end)s"
+            " AND coalesce(e.time_end, e.ts) >= %(start)s ORDER BY e.ts",
+            {"ids": list(model_ids), "start": start, "end": end},
+        )
+        return cur.fetchall()
+
+
+# --------------------------------------------------------------------------- segments
+
+
+def segment_sets(conn, model_id: int) -> dict[int, dict]:
+    """segset_id -> segments dict for a model (a small table: one row per combination)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT segset_id, segments FROM segment_sets WHERE model_id = %(m)s",
+                    {"m": model_id})
+        return dict(cur.fetchall())
+
+
+def _segset_ids(conn, model_id: int, segments: list[dict]) -> list[int]:
+    """Ids for each segments dict, creating the combinations not seen before."""
+    import json
+
+    keys = [json.dumps(s, sort_keys=True, separators=(",", ":")) for s in segments]
+    distinct = sorted(set(keys))
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO segment_sets (model_id, segments)"
+            " SELECT %(m)s, s::jsonb FROM unnest(%(s)s::text[]) AS s"
+            " ON CONFLICT (model_id, segments) DO NOTHING",
+            {"m": model_id, "s": distinct},
+        )
+        cur.execute(
+            "SELECT s, ss.segset_id FROM unnest(%(s)s::text[]) AS s"
+            " JOIN segment_sets ss ON ss.model_id = %(m)s AND ss.segments = s::jsonb",
+            {"m": model_id, "s": distinct},
+        )
+        ids = dict(cur.fetchall())
+    return [ids[k] for k in keys]
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _copy_rows(cur, table: str, columns: str, rows: Iterable[Sequence]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    buf.seek(0)
+    cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buf)
+
+
+def _contributions_into_delta(cur, model: Model, sign: int) -> None:
+    """Add sign x the partials of the joined rows whose keys are in ``stage_keys``."""
+    cur.execute(
+        f"""
+        INSERT INTO rollup_delta (segset_id, bucket_end, {_COLS})
+        SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
+               {_MINUTE_BUCKET},
+               {", ".join(f"%(sign)s * ({expr})" for expr in PARTIALS.values())}
+        FROM stage_keys k
+        JOIN predictions p ON p.model_id = %(m)s AND p.output_id = k.output_id
+        LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = k.output_id
+        GROUP BY GROUPING SETS (({_MINUTE_BUCKET}, p.segset_id), ({_MINUTE_BUCKET}))
+        """,
+        {"m": model.model_id, "thr": model.threshold, "eps": EPS, "sign": sign},
+    )
+
+
+def _begin_write(cur, model: Model) -> int:
+    """Serialize writers of one model (old/new contributions must not interleave)."""
+    cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": _LOCK_NAMESPACE, "m": model.model_id})
+    cur.execute("SELECT nextval('write_revision')")
+    revision = cur.fetchone()[0]
+    cur.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS rollup_delta (segset_id int, bucket_end bigint,"
+        f" {', '.join(f'{c} double precision' for c in PARTIALS)}) ON COMMIT DELETE ROWS"
+    )
+    return revision
+
+
+def _merge_delta(cur, model: Model, revision: int) -> None:
+    sums = ", ".join(
+        f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
+    )
+    cur.execute(
+        f"""
+        INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {_COLS})
+        SELECT %(m)s, segset_id, bucket_end, %(rev)s, {sums}
+        FROM rollup_delta GROUP BY segset_id, bucket_end
+        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
+          revision = excluded.revision,
+          {", ".join(f"{c} = rollup.{c} + excluded.{c}" for c in PARTIALS)}
+        """,
+        {"m": model.model_id, "rev": revision},
+    )
+
+
+def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
+    """Upsert validated predictions and keep the rollup equal to the raw rows.
+
+    Runs in the caller's transaction; the caller commits (one batch, one transaction).
+    Returns the number of distinct output ids written (a repeated id: the last wins).
+    """
+    if not rows.ids:
+        return 0
+    segset_ids = _segset_ids(conn, model.model_id, rows.segments)
+    last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
+    with conn.cursor() as cur:
+        revision = _begin_write(cur, model)
+        cur.execute(
+            "CREATE TEMP TABLE stage_pred (output_id text, ts timestamptz, score double precision,"
+            " segset_id int, features jsonb) ON COMMIT DROP"
+        )
+        _copy_rows(cur, "stage_pred", "output_id, ts, score, segset_id, features", (
+            (oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i], rows.features_json[i])
+            for oid, i in last.items()
+        ))
+        cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage_pred")
+        _contributions_into_delta(cur, model, -1)
+        cur.execute(
+            """
+            INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features)
+            SELECT %(m)s, output_id, ts, score, segset_id, features FROM stage_pred
+            ON CONFLICT (model_id, output_id) DO UPDATE SET
+              ts = excluded.ts, score = excluded.score, segset_id = excluded.segset_id,
+              features = excluded.features, written_at = now()
+            """,
+            {"m": model.model_id},
+        )
+        _contributions_into_delta(cur, model, +1)
+        _merge_delta(cur, model, revision)
+        cur.execute("DROP TABLE stage_pred, stage_keys")
+    return len(last)
+
+
+def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
+    """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact."""
+    if not rows.ids:
+        return 0
+    last = {oid: i for i, oid in enumerate(rows.ids)}
+    with conn.cursor() as cur:
+        revision = _begin_write(cur, model)
+        cur.execute(
+            "CREATE TEMP TABLE stage_fb (output_id text, ts timestamptz, label double precision)"
+            " ON COMMIT DROP"
+        )
+        _copy_rows(cur, "stage_fb", "output_id, ts, label", (
+            (oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()
+        ))
+        cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage_fb")
+        _contributions_into_delta(cur, model, -1)
+        cur.execute(
+            """
+            INSERT INTO feedback (model_id, output_id, ts, label)
+            SELECT %(m)s, output_id, ts, label FROM stage_fb
+            ON CONFLICT (model_id, output_id) DO UPDATE SET
+              ts = excluded.ts, label = excluded.label, written_at = now()
+            """,
+            {"m": model.model_id},
+        )
+        _contributions_into_delta(cur, model, +1)
+        _merge_delta(cur, model, revision)
+        cur.execute("DROP TABLE stage_fb, stage_keys")
+    return len(last)
+
+
+# --------------------------------------------------------------------------- rollup upkeep
+
+_ALL_CONTRIBUTIONS = f"""
+    SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
+           {_MINUTE_BUCKET} AS bucket_end,
+           {_SELECT_PARTIALS}
+    {_JOIN}
+    WHERE p.model_id = %(m)s
+    GROUP BY GROUPING SETS (({_MINUTE_BUCKET}, p.segset_id), ({_MINUTE_BUCKET}))
+"""
+
+
+def rebuild_rollup(conn, model: Model) -> int:
+    """Recompute the model's rollup from raw rows; returns the number of rollup rows."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": _LOCK_NAMESPACE, "m": model.model_id})
+        cur.execute("SELECT nextval('write_revision')")
+        revision = cur.fetchone()[0]
+        cur.execute("DELETE FROM rollup WHERE model_id = %(m)s", {"m": model.model_id})
+        cur.execute(
+            f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {_COLS})"
+            f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {_COLS} FROM ({_ALL_CONTRIBUTIONS}) c",
+            {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision},
+        )
+        return cur.rowcount
+
+
+def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
+    """Differences between the stored rollup and a rebuild from raw rows (empty: consistent).
+
+    Counts must match exactly; float sums within ``rel_tol`` (they are added and
+    subtracted in a different order). A missing row equals a row of zeros.
+    """
+    diffs = []
+    with conn.cursor() as cur:
+        cur.execute(
+            f"""
+            SELECT coalesce(r.segset_id, c.segset_id), coalesce(r.bucket_end, c.bucket_end),
+                   {", ".join(f"coalesce(r.{n}, 0), coalesce(c.{n}, 0)" for n in PARTIALS)}
+            FROM (SELECT * FROM rollup WHERE model_id = %(m)s) r
+            FULL JOIN ({_ALL_CONTRIBUTIONS}) c USING (segset_id, bucket_end)
+            """,
+            {"m": model.model_id, "thr": model.threshold, "eps": EPS},
+        )
+        for row in cur:
+            segset, bucket = row[0], row[1]
+            for j, name in enumerate(PARTIALS):
+                stored, rebuilt = float(row[2 + 2 * j]), float(row[3 + 2 * j])
+                if name in COUNT_PARTIALS:
+                    bad = stored != rebuilt
+                else:
+                    bad = abs(stored - rebuilt) > rel_tol * max(1.0, abs(rebuilt))
+                if bad:
+                    diffs.append({"segset_id": segset, "bucket_end": bucket, "partial": name,
+                                  "stored": stored, "rebuilt": rebuilt})
+    return diffs
+
+
+# --------------------------------------------------------------------------- reads for the engine
+
+
+def table_counts(conn, model: Model) -> dict[str, int]:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT (SELECT count(*) FROM predictions WHERE model_id = %(m)s),"
+            " (SELECT count(*) FROM feedback WHERE model_id = %(m)s),"
+            " (SELECT count(*) FROM rollup WHERE model_id = %(m)s)",
+            {"m": model.model_id},
+        )
+        p, f, r = cur.fetchone()
+    return {"predictions": p, "feedback": f, "rollup": r}
+
+
+def latest_prediction_ts(conn, model: Model) -> datetime | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT max(ts) FROM predictions WHERE model_id = %(m)s", {"m": model.model_id})
+        return cur.fetchone()[0]
+
+
+def time_extent(conn, model: Model) -> tuple[datetime | None, datetime | None]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT min(ts), max(ts) FROM predictions WHERE model_id = %(m)s",
+                    {"m": model.model_id})
+        return cur.fetchone()
+
+
+def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: int,
+                       segset_ids: Sequence[int] | None, by_segset: bool,
+                       threshold: float | None, from_rollup: bool) -> pd.DataFrame:
+    """Partials summed per g-second bucket (ending at multiples of g) with end in (lo, hi].
+
+    ``from_rollup`` reads the per-minute rollup (g must be a multiple of 60 and the
+    threshold the model's); otherwise the same partials are aggregated from raw
+    rows at any threshold and any g. ``segset_ids`` None means all segments.
+    ``lo_s`` None means from the beginning. Columns: bucket_end, [segset_id],
+    the partials, and (rollup only) revision.
+    """
+    params = {"m": model.model_id, "g": g_s, "lo": lo_s, "hi": hi_s, "thr": threshold,
+              "eps": EPS, "segs": list(segset_ids) if segset_ids is not None else None}
+    if from_rollup:
+        if g_s % ROLLUP_BUCKET_S:
+            raise ValueError("rollup buckets are one minute: g must be a multiple of 60 s")
+        seg_where = "r.segset_id = 0" if segset_ids is None and not by_segset else (
+            "r.segset_id <> 0" if segset_ids is None else "r.segset_id = ANY(%(segs)s)")
+        bucket = "(ceil(r.bucket_end / %(g)s::float8)::bigint * %(g)s)"
+        lo = "" if lo_s is None else "AND r.bucket_end > %(lo)s"
+        sums = ", ".join(f"sum(r.{c}) AS {c}" for c in PARTIALS)
+        group = f"{bucket}, r.segset_id" if by_segset else bucket
+        seg_col = "r.segset_id," if by_segset else ""
+        sql = f"""
+            SELECT {bucket} AS bucket_end, {seg_col} {sums}, max(r.revision) AS revision
+            FROM rollup r
+            WHERE r.model_id = %(m)s AND {seg_where} {lo} AND r.bucket_end <= %(hi)s
+            GROUP BY {group}
+        """
+    else:
+        bucket = "(ceil(extract(epoch FROM p.ts) / %(g)s)::bigint * %(g)s)"
+        seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
+        lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
+        group = f"{bucket}, p.segset_id" if by_segset else bucket
+        seg_col = "p.segset_id," if by_segset else ""
+        sql = f"""
+            SELECT {bucket} AS bucket_end, {seg_col} {_SELECT_PARTIALS}
+            {_JOIN}
+            WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
+            GROUP BY {group}
+        """
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        data = cur.fetchall()
+    df = pd.DataFrame.from_records(data, columns=cols)
+    for c in PARTIALS:
+        df[c] = df[c].astype(np.float64)
+    return df
+
+
+def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
+                segset_ids: Sequence[int] | None) -> pd.DataFrame:
+    """Raw joined rows with ts in (lo, hi], sorted by ts: ts_s, score, label, delay_s, segset_id.
+
+    ``label`` is NaN where no feedback arrived; ``delay_s`` is feedback time minus
+    prediction time. Streams through COPY, which is several times faster than
+    fetching tuples for the hundreds of thousands of rows a long panel reads.
+    """
+    params = {"m": model.model_id, "lo": lo_s, "hi": hi_s,
+              "segs": list(segset_ids) if segset_ids is not None else None}
+    seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
+    lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
+    sql = f"""
+        SELECT extract(epoch FROM p.ts)::float8 AS ts_s, p.score, f.label,
+               extract(epoch FROM f.ts - p.ts)::float8 AS delay_s, p.segset_id
+        {_JOIN}
+        WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
+        ORDER BY p.ts, p.output_id
+    """
+    with conn.cursor() as cur:
+        query = cur.mogrify(sql, params).decode()
+        buf = io.StringIO()
+        cur.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)", buf)
+    buf.seek(0)
+    return pd.read_csv(buf, dtype={"ts_s": np.float64, "score": np.float64, "label": np.float64,
+                                   "delay_s": np.float64, "segset_id": np.int64})

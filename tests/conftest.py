@@ -1,0 +1,97 @@
+"""Fixtures: one real PostgreSQL per test session, emptied before each test.
+
+The server is DATABASE_URL's when set (tests use a separate database
+``mlsli_test`` on it, never the one named in the URL), else the embedded one
+under ``.data/test-pg``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+
+from datasource import create_app, db
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DB = "mlsli_test"
+
+
+def _with_dbname(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    server_url = os.environ.get("DATABASE_URL") or db.embedded_url(ROOT / ".data" / "test-pg")
+    admin = psycopg2.connect(server_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {TEST_DB} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {TEST_DB}")
+    admin.close()
+    url = _with_dbname(server_url, TEST_DB)
+    conn = db.connect(url)
+    db.migrate(conn)
+    conn.close()
+    return url
+
+
+_TABLES = "rollup, model_events, feedback, predictions, segment_sets, models"
+
+
+@pytest.fixture
+def clean_db(database_url):
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {_TABLES} RESTART IDENTITY CASCADE")
+    conn.commit()
+    conn.close()
+    return database_url
+
+
+@pytest.fixture
+def conn(clean_db):
+    c = db.connect(clean_db)
+    yield c
+    c.rollback()
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def _app(database_url):
+    os.environ.pop("INGEST_TOKEN", None)
+    return create_app({"database_url": database_url, "pool_size": 4})
+
+
+@pytest.fixture
+def app(_app, clean_db):
+    """The session's app with its original settings (tests may replace them)."""
+    original = _app.extensions["settings"]
+    yield _app
+    _app.extensions["settings"] = original
+
+
+def with_settings(app, **changes):
+    """Replace some of the app's settings for the current test."""
+    from dataclasses import replace
+
+    app.extensions["settings"] = replace(app.extensions["settings"], **changes)
+
+
+@pytest.fixture
+def http(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def client(clean_db):
+    from datasource.client import Client
+
+    c = Client.local(database_url=clean_db)
+    yield c
+    c.close()

@@ -1,0 +1,221 @@
+"""The store on a real PostgreSQL: upserts, late and corrected feedback, rollup consistency."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from datasource import db, ingest, store
+
+T0 = datetime(2020, 2, 1, tzinfo=UTC)
+
+
+def _counts(conn, name="m"):
+    return store.table_counts(conn, store.get_model(conn, name))
+
+
+def _register(conn, name="m", task="binary_classification", threshold=0.5):
+    body = {"name": name, "task": task}
+    if threshold is not None and task == "binary_classification":
+        body["threshold"] = threshold
+    model, _ = ingest.register_model(conn, body)
+    conn.commit()
+    return model
+
+
+def _preds(n, seed=0, start=0, id_prefix="p"):
+    rng = np.random.default_rng(seed)
+    return [{"id": f"{id_prefix}{start + i}", "ts": (T0 + timedelta(seconds=int(rng.integers(0, 7200)))).isoformat(),
+             "score": float(rng.random()), "segments": {"b": str(rng.choice(["x", "y", "z"]))},
+             "features": {"f": float(rng.normal())}} for i in range(n)]
+
+
+def _fb(ids, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"id": i, "ts": (T0 + timedelta(hours=3)).isoformat(), "label": int(rng.integers(0, 2))} for i in ids]
+
+
+def _write(conn, kind, recs, name="m"):
+    fn = ingest.write_predictions if kind == "p" else ingest.write_feedback
+    n = fn(conn, name, recs, 100_000)
+    conn.commit()
+    return n
+
+
+def _rollup_all(conn, model):
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT segset_id, bucket_end, {', '.join(store.PARTIALS)} FROM rollup"
+                    " WHERE model_id = %s ORDER BY 1, 2", (model.model_id,))
+        return cur.fetchall()
+
+
+def test_migrations_are_recorded_and_idempotent(conn):
+    assert db.migrate(conn) == []
+    with conn.cursor() as cur:
+        cur.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [r[0] for r in cur.fetchall()] == ["001_init.sql", "002_rollup.sql"]
+
+
+def test_same_batch_twice_changes_nothing(conn):
+    model = _register(conn)
+    recs = _preds(300)
+    assert _write(conn, "p", recs) == 300
+    assert _write(conn, "f", _fb([r["id"] for r in recs[:200]])) == 200
+    before = (_counts(conn), _rollup_all(conn, model))
+    assert _write(conn, "p", recs) == 300
+    assert _write(conn, "f", _fb([r["id"] for r in recs[:200]])) == 200
+    after = (_counts(conn), _rollup_all(conn, model))
+    assert before[0] == after[0] == {**after[0], "predictions": 300, "feedback": 200}
+    np.testing.assert_allclose(np.array([r[2:] for r in before[1]], float),
+                               np.array([r[2:] for r in after[1]], float), rtol=1e-12)
+    assert store.check_rollup(conn, model) == []
+
+
+def test_repeated_id_in_one_batch_counts_once_last_wins(conn):
+    model = _register(conn)
+    recs = [{"id": "a", "ts": 1580515200000, "score": 0.1}, {"id": "a", "ts": 1580515260000, "score": 0.9}]
+    assert _write(conn, "p", recs) == 1
+    with conn.cursor() as cur:
+        cur.execute("SELECT score, ts FROM predictions")
+        assert cur.fetchall() == [(0.9, datetime(2020, 2, 1, 0, 1, tzinfo=UTC))]
+    assert store.check_rollup(conn, model) == []
+
+
+def test_feedback_before_prediction_joins_on_arrival(conn):
+    model = _register(conn)
+    _write(conn, "f", [{"id": "a", "ts": "2020-02-01T05:00:00Z", "label": 1}])
+    assert _counts(conn)["rollup"] == 0  # nothing to join yet
+    _write(conn, "p", [{"id": "a", "ts": "2020-02-01T00:00:30Z", "score": 0.8}])
+    rows = _rollup_all(conn, model)
+    cols = dict(zip(store.PARTIALS, rows[0][2:], strict=True))
+    assert (cols["n_pred"], cols["n_lab"], cols["tp"]) == (1, 1, 1)
+    assert store.check_rollup(conn, model) == []
+
+
+def test_label_correction_replaces_old_label(conn):
+    model = _register(conn)
+    _write(conn, "p", [{"id": "a", "ts": "2020-02-01T00:00:30Z", "score": 0.8}])
+    _write(conn, "f", [{"id": "a", "ts": "2020-02-01T05:00:00Z", "label": 1}])
+    _write(conn, "f", [{"id": "a", "ts": "2020-02-01T06:00:00Z", "label": 0}])
+    with conn.cursor() as cur:
+        cur.execute("SELECT label, ts FROM feedback")
+        assert cur.fetchall() == [(0.0, datetime(2020, 2, 1, 6, tzinfo=UTC))]
+    by_segset = {r[0]: dict(zip(store.PARTIALS, r[2:], strict=True)) for r in _rollup_all(conn, model)}
+    assert by_segset[0]["tp"] == 0 and by_segset[0]["fp"] == 1 and by_segset[0]["n_lab"] == 1
+    assert store.check_rollup(conn, model) == []
+
+
+def test_moved_prediction_leaves_its_old_bucket(conn):
+    model = _register(conn)
+    _write(conn, "p", [{"id": "a", "ts": "2020-02-01T00:00:30Z", "score": 0.8, "segments": {"b": "x"}}])
+    _write(conn, "f", [{"id": "a", "ts": "2020-02-01T05:00:00Z", "label": 1}])
+    _write(conn, "p", [{"id": "a", "ts": "2020-02-01T03:00:30Z", "score": 0.2, "segments": {"b": "y"}}])
+    live = [r for r in _rollup_all(conn, model) if r[2] > 0]
+    assert {(r[1]) for r in live} == {int(datetime(2020, 2, 1, 3, 1, tzinfo=UTC).timestamp())}
+    assert store.check_rollup(conn, model) == []
+
+
+def test_rollup_equals_rebuild_after_random_mixed_writes(conn):
+    """Random batches of new, repeated, moved predictions, early/late/corrected feedback."""
+    model = _register(conn)
+    rng = np.random.default_rng(42)
+    ids = [f"o{i}" for i in range(400)]
+    truth_pred, truth_label = {}, {}
+    for step in range(30):
+        pick = rng.choice(ids, size=int(rng.integers(1, 60)), replace=True)
+        if rng.random() < 0.55:
+            recs = [{"id": str(i), "ts": int(1580515200000 + rng.integers(0, 6 * 3600) * 1000 + rng.integers(0, 1000)),
+                     "score": float(rng.choice([0.0, 0.5, 1.0, rng.random()])),
+                     "segments": {"b": str(rng.choice(["x", "y"])), "v": str(rng.choice(["1", "2"]))}}
+                    for i in pick]
+            _write(conn, "p", recs)
+            truth_pred.update({r["id"]: r for r in recs})
+        else:
+            recs = [{"id": str(i), "ts": int(1580600000000 + rng.integers(0, 10**6)),
+                     "label": int(rng.integers(0, 2))} for i in pick]
+            _write(conn, "f", recs)
+            truth_label.update({r["id"]: r["label"] for r in recs})
+        assert store.check_rollup(conn, model) == [], f"after batch {step}"
+    # Independent oracle for the all-segments rows: recount from the Python-side truth.
+    rows = {r[1]: dict(zip(store.PARTIALS, r[2:], strict=True)) for r in _rollup_all(conn, model) if r[0] == 0}
+    expect: dict[int, dict] = {}
+    for oid, r in truth_pred.items():
+        bucket = -(-r["ts"] // 60000) * 60
+        e = expect.setdefault(bucket, {"n_pred": 0, "n_lab": 0, "tp": 0, "sum_score": 0.0})
+        e["n_pred"] += 1
+        e["sum_score"] += r["score"]
+        if oid in truth_label:
+            e["n_lab"] += 1
+            e["tp"] += int(truth_label[oid] == 1 and r["score"] >= 0.5)
+    for bucket, e in expect.items():
+        got = rows[bucket]
+        assert (got["n_pred"], got["n_lab"], got["tp"]) == (e["n_pred"], e["n_lab"], e["tp"])
+        assert got["sum_score"] == pytest.approx(e["sum_score"], rel=1e-9, abs=1e-12)
+    assert all(rows[b]["n_pred"] == 0 for b in rows if b not in expect)
+
+
+def test_rebuild_restores_a_damaged_rollup(conn):
+    model = _register(conn)
+    recs = _preds(100)
+    _write(conn, "p", recs)
+    _write(conn, "f", _fb([r["id"] for r in recs]))
+    with conn.cursor() as cur:
+        cur.execute("UPDATE rollup SET tp = tp + 1 WHERE segset_id = 0")
+    conn.commit()
+    assert store.check_rollup(conn, model)
+    store.rebuild_rollup(conn, model)
+    conn.commit()
+    assert store.check_rollup(conn, model) == []
+
+
+def test_threshold_change_rebuilds_rollup(conn):
+    model = _register(conn, threshold=0.5)
+    recs = _preds(200)
+    _write(conn, "p", recs)
+    _write(conn, "f", _fb([r["id"] for r in recs]))
+    model = _register(conn, threshold=0.3)
+    assert model.threshold == 0.3
+    assert store.check_rollup(conn, model) == []
+    expected = sum(1 for r in recs if r["score"] >= 0.3)
+    rows = [dict(zip(store.PARTIALS, r[2:], strict=True)) for r in _rollup_all(conn, model) if r[0] == 0]
+    assert sum(r["n_pred_pos"] for r in rows) == expected
+
+
+def test_task_change_refused_once_data_exists(conn):
+    _register(conn)
+    _write(conn, "p", _preds(3))
+    with pytest.raises(Exception, match="task cannot change"):
+        ingest.register_model(conn, {"name": "m", "task": "regression"})
+
+
+def test_two_concurrent_writers_on_overlapping_ids(clean_db):
+    setup = db.connect(clean_db)
+    model = _register(setup)
+    errors = []
+
+    def writer(seed):
+        c = db.connect(clean_db)
+        try:
+            for k in range(8):
+                recs = _preds(150, seed=seed * 100 + k, start=0)  # same ids p0..p149 in both
+                ingest.write_predictions(c, "m", recs, 10_000)
+                c.commit()
+                ingest.write_feedback(c, "m", _fb([r["id"] for r in recs[::2]], seed=seed + k), 10_000)
+                c.commit()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _counts(setup) == {**_counts(setup), "predictions": 150, "feedback": 75}
+    assert store.check_rollup(setup, model) == []
+    setup.close()
