@@ -300,7 +300,8 @@ def _function_metric(key, fn, input, tasks, label, unit, description, source) ->
 
 # scikit-learn's scoring functions, chosen by signature, never by evaluating request text.
 _SCORE_ARGS = ("y_score", "y_proba", "y_prob", "probas_pred")
-_EXCLUDE = ("curve", "confusion_matrix", "classification_report", "precision_recall_fscore_support")
+_EXCLUDE = ("curve", "confusion_matrix", "classification_report", "precision_recall_fscore_support",
+            "coverage_error", "label_ranking", "dcg_score", "class_likelihood_ratios")
 
 
 def _sklearn_metrics() -> dict[str, Metric]:
@@ -315,9 +316,9 @@ def _sklearn_metrics() -> dict[str, Metric]:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
             continue
-        if len(params) < 2 or params[0].name != "y_true":
+        if len(params) < 2 or params[0].name not in ("y_true", "y1"):
             continue
-        second = params[1].name
+        second = "y_pred" if params[1].name == "y2" else params[1].name
         required_rest = [p for p in params[2:] if p.default is inspect.Parameter.empty
                          and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if required_rest or second not in (*_SCORE_ARGS, "y_pred"):
