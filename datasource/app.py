@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from datasource import db, store
 from datasource.config import Settings
+from datasource.engine import ComputeTimeout
 from datasource.records import BatchError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ def _register_errors(app: Flask) -> None:
     def timeout(e):
         return jsonify({"message": "the query exceeded the statement timeout; "
                                    "narrow the time range or widen the step"}), 503
+
+    @app.errorhandler(ComputeTimeout)
+    def compute_timeout(e):
+        return jsonify({"message": f"{e}; narrow the time range, widen the step or "
+                                   "use a mergeable metric"}), 503
 
     @app.errorhandler(psycopg2.OperationalError)
     def db_down(e):

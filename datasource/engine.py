@@ -15,6 +15,7 @@ its window covers, so it is recomputed only when a write touched the window.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,6 +34,10 @@ _TOTAL_G = ROLLUP_BUCKET_S * 10**9  # one bucket that holds all time: for prefix
 
 class QueryError(ValueError):
     """A query the engine cannot answer as asked (the message says why)."""
+
+
+class ComputeTimeout(RuntimeError):
+    """Raw-metric evaluation ran past the request's time budget."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,8 @@ def _evaluate(metric: Metric, rows: WindowRows) -> float:
     return float(value) if value is not None else np.nan
 
 
-def raw_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
+def raw_series(conn, q: Query, points: np.ndarray, step: int,
+               deadline: float | None = None) -> list[Series]:
     span = windows.span_of(q.window, step, q.mode)
     revisions = _window_revisions(conn, q, points, span)
     key_base = (q.model.model_id, q.metric.name, q.window.text, q.mode, q.threshold,
@@ -255,7 +261,9 @@ def raw_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
         hi_idx = np.searchsorted(ts, points, side="right")
         lo_idx = (np.zeros(len(points), dtype=np.int64) if span is None
                   else np.searchsorted(ts, points - span, side="right"))
-        for i in todo:
+        for n, i in enumerate(todo):
+            if deadline is not None and n % 16 == 0 and time.monotonic() > deadline:
+                raise ComputeTimeout(f"{q.metric.name} over {len(todo)} windows ran past the time budget")
             a, b = lo_idx[i], hi_idx[i]
             y, s, d = label[a:b], score[a:b], delay[a:b]
             if q.metric.labeled_only:
@@ -270,13 +278,18 @@ def raw_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
     return out
 
 
-def series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
-    """One series (or one per group) of the metric at each point."""
+def series(conn, q: Query, points: np.ndarray, step: int,
+           deadline: float | None = None) -> list[Series]:
+    """One series (or one per group) of the metric at each point.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the Python side of raw
+    metrics, as the statement timeout bounds the SQL side.
+    """
     if len(points) == 0:
         return [] if q.group_by else [Series("", points, np.empty(0))]
     if q.metric.kind == "partial":
         return partial_series(conn, q, points, step)
-    return raw_series(conn, q, points, step)
+    return raw_series(conn, q, points, step, deadline)
 
 
 # ----------------------------------------------------------------------- tables

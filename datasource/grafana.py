@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -257,15 +258,18 @@ def query():
     points = windows.grid_points(from_s, to_s, step)
     filters = _parse_filters(body.get("filters") or body.get("adhocFilters"))
     out = []
+    budget_s = current_app.extensions["settings"].statement_timeout_ms / 1000.0
+    deadline = time.monotonic() + budget_s if budget_s > 0 else None
     with _pool().connection() as conn:
         for t in targets:
             if not isinstance(t, dict) or t.get("hide") is True:
                 continue
-            out.extend(_answer_target(conn, t, scoped, filters, from_s, to_s, step, points))
+            out.extend(_answer_target(conn, t, scoped, filters, from_s, to_s, step, points, deadline))
     return jsonify(out)
 
 
-def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, points) -> list:
+def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, points,
+                   deadline: float | None) -> list:
     ref = t.get("refId", "A")
     name = resolve_value(t.get("target") or "", scoped)
     name = _single(name, "target") if isinstance(name, list) else name
@@ -298,9 +302,11 @@ def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, poi
             out.append({"type": "table", "refId": ref, "columns": columns, "rows": rows})
             continue
         try:
-            result = engine.series(conn, q, points, step)
+            result = engine.series(conn, q, points, step, deadline)
         except engine.QueryError as e:
             raise _bad(str(e), "payload.window") from None
+        except engine.ComputeTimeout:
+            raise
         except Exception as e:  # a user's metric function failed: this target only
             if metric.source == "builtin":
                 raise

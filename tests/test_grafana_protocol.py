@@ -270,3 +270,24 @@ def test_statement_timeout_answers_503_instead_of_hanging(database_url, loaded):
         assert 503 in statuses
     finally:
         app.extensions["pool"].close()
+
+
+def test_slow_python_metric_is_stopped_by_the_time_budget(database_url, loaded):
+    import time
+
+    @registry.metric("slow_metric")
+    def slow_metric(y_true, y_score):
+        time.sleep(0.02)
+        return 0.0
+
+    app = create_app({"database_url": database_url, "statement_timeout_ms": 300, "pool_size": 1})
+    try:
+        body = {"range": RANGE, "intervalMs": 60_000, "maxDataPoints": 1000,
+                "targets": [{"refId": "A", "target": "slow_metric", "payload": {"model": "taxi-high-tip"}}]}
+        started = time.monotonic()
+        r = app.test_client().post("/query", json=body)
+        assert r.status_code == 503 and "time budget" in r.get_json()["message"]
+        assert time.monotonic() - started < 2.0
+    finally:
+        registry.REGISTRY.pop("slow_metric")
+        app.extensions["pool"].close()
