@@ -132,3 +132,15 @@ def add_event():
     with _pool().connection() as conn:
         event_id = ingest.add_event(conn, body.get("model"), body)
     return jsonify({"event_id": event_id}), 201
+
+
+@bp.post("/references")
+def set_reference():
+    """``{"model", "name": "training", "columns": {col: [values]}}``: replaces that reference."""
+    _require_token()
+    body = _json_body()
+    if not isinstance(body, dict):
+        raise BatchError("body must be a JSON object")
+    with _pool().connection() as conn:
+        n = ingest.set_reference(conn, body.get("model"), body)
+    return jsonify({"columns": n}), 201

@@ -37,6 +37,10 @@ def _jsonable(value):
     raise TypeError(f"cannot send {type(value).__name__} as JSON")
 
 
+def _jsonable_value(v):
+    return v.item() if hasattr(v, "item") else v
+
+
 class Client:
     """Write API; use ``Client.local()`` or ``Client.remote()`` to build one."""
 
@@ -77,6 +81,16 @@ class Client:
 
     def latest_prediction_ts(self, model: str) -> datetime | None:
         return self._t.latest_prediction_ts(model)
+
+    def set_reference(self, model: str, columns: dict, name: str = "training") -> int:
+        """Store a reference distribution for drift: ``{column: [numbers or strings]}``.
+
+        Numeric columns may hold None/NaN for missing values. Replaces any
+        reference of the same name.
+        """
+        clean = {k: [None if isinstance(v, float) and v != v else _jsonable_value(v) for v in vals]
+                 for k, vals in columns.items()}
+        return self._t.set_reference(model, {"name": name, "columns": clean})
 
     def close(self) -> None:
         self._t.close()
@@ -121,6 +135,9 @@ class _Local:
     def latest_prediction_ts(self, model: str):
         return self._tx(ingest.latest_prediction_ts, model)
 
+    def set_reference(self, model: str, body: dict) -> int:
+        return self._tx(ingest.set_reference, model, body)
+
     def close(self) -> None:
         self.conn.close()
 
@@ -154,6 +171,9 @@ class _Remote:
 
     def add_event(self, model: str, body: dict) -> int:
         return self._post("/api/v1/events", {"model": model, **body})["event_id"]
+
+    def set_reference(self, model: str, body: dict) -> int:
+        return self._post("/api/v1/references", {"model": model, **body})["columns"]
 
     def latest_prediction_ts(self, model: str):
         resp = self.session.get(f"{self.base}/api/v1/models/{model}", timeout=self.timeout)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from datasource import store, windows
+from datasource import distributions, store, windows
 from datasource.metrics import Metric
 from datasource.store import PARTIALS, ROLLUP_BUCKET_S, Model
 
@@ -51,10 +51,24 @@ class Query:
     group_by: str | None
     segsets: dict = field(default_factory=dict, compare=False, hash=False)  # id -> segments
     params: tuple = ()  # sorted (name, value) pairs of metric payloads
+    column: Column | None = None  # distribution and drift metrics
+    reference: object = field(default=None, compare=False, hash=False)  # resolved reference values
 
     @property
     def param_dict(self) -> dict:
         return dict(self.params)
+
+
+@dataclass(frozen=True)
+class Column:
+    """What a distribution metric looks at: the score, a numeric feature or a segment key."""
+
+    name: str
+    kind: str  # "score" | "feature" | "segment"
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind != "segment"
 
 
 @dataclass
@@ -213,25 +227,35 @@ def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> n
     return np.array([revs[a:b].max() if b > a else 0 for a, b in zip(lo_idx, hi_idx, strict=True)])
 
 
-def _evaluate(metric: Metric, rows: WindowRows) -> float:
-    value = metric.raw(rows)
-    return float(value) if value is not None else np.nan
+def _split_groups(rows: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
+    groups = _group_of(q)
+    if groups is None:
+        return {"": rows}
+    rows = rows.assign(group=rows["segset_id"].map(groups).fillna(NONE_VALUE))
+    mapping = _top_groups(rows.groupby("group").size()) if len(rows) else {}
+    rows["group"] = rows["group"].map(mapping)
+    return dict(iter(rows.groupby("group", sort=True)))
 
 
-def raw_series(conn, q: Query, points: np.ndarray, step: int,
-               deadline: float | None = None) -> list[Series]:
+def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | None,
+              fetch, evaluate) -> list[Series]:
+    """Evaluate ``evaluate(columns, a, b)`` on each point's slice [a, b) of time-sorted rows.
+
+    ``fetch(lo, hi)`` reads the rows with ts in (lo, hi] (lo None: from the
+    start) as a DataFrame with ``ts_s`` and ``segset_id``. Without group_by,
+    each point's value is cached with its window's write revision, and only
+    the points whose window changed are recomputed (no rows read if none).
+    """
     span = windows.span_of(q.window, step, q.mode)
     revisions = _window_revisions(conn, q, points, span)
     key_base = (q.model.model_id, q.metric.name, q.window.text, q.mode, q.threshold,
                 q.segset_ids, q.group_by, q.params, step if q.mode == "tumbling" else None)
-    groups = _group_of(q)
     todo = np.arange(len(points))
     vals = np.full(len(points), np.nan)
-    if groups is None:
-        # Every point may already be cached: then no rows are read at all.
+    if q.group_by is None:
         still = []
         for i in todo:
-            hit = CACHE.get((*key_base, "", int(points[i])), int(revisions[i]))
+            hit = CACHE.get((*key_base, int(points[i])), int(revisions[i]))
             if hit is None:
                 still.append(i)
             else:
@@ -241,41 +265,146 @@ def raw_series(conn, q: Query, points: np.ndarray, step: int,
         if len(todo) == 0:
             return [Series("", points, vals)]
     need = points[todo]
-    lo = None if span is None else int(need[0]) - span
-    rows = store.joined_rows(conn, q.model, lo_s=lo, hi_s=int(need[-1]), segset_ids=q.segset_ids)
-    if groups is not None:
-        rows["group"] = rows["segset_id"].map(groups).fillna(NONE_VALUE)
-        mapping = _top_groups(rows.groupby("group").size()) if len(rows) else {}
-        rows["group"] = rows["group"].map(mapping)
-        parts = dict(iter(rows.groupby("group", sort=True)))
-    else:
-        parts = {"": rows}
+    rows = fetch(None if span is None else int(need[0]) - span, int(need[-1]))
     out = []
-    params = q.param_dict
-    for name, part in parts.items():
+    for name, part in _split_groups(rows, q).items():
         values = vals.copy()
-        ts = part["ts_s"].to_numpy()
-        score = part["score"].to_numpy()
-        label = part["label"].to_numpy()
-        delay = part["delay_s"].to_numpy()
+        cols = {c: part[c].to_numpy() for c in part.columns if c != "group"}
+        ts = cols["ts_s"]
         hi_idx = np.searchsorted(ts, points, side="right")
         lo_idx = (np.zeros(len(points), dtype=np.int64) if span is None
                   else np.searchsorted(ts, points - span, side="right"))
         for n, i in enumerate(todo):
             if deadline is not None and n % 16 == 0 and time.monotonic() > deadline:
                 raise ComputeTimeout(f"{q.metric.name} over {len(todo)} windows ran past the time budget")
-            a, b = lo_idx[i], hi_idx[i]
-            y, s, d = label[a:b], score[a:b], delay[a:b]
-            if q.metric.labeled_only:
-                keep = ~np.isnan(y)
-                y, s, d = y[keep], s[keep], d[keep]
-            pred = (s >= q.threshold).astype(np.float64) if q.model.is_classifier else s
-            values[i] = _evaluate(q.metric, WindowRows(y, s, pred, d, params))
-            if groups is None:
-                CACHE.put((*key_base, name, int(points[i])), int(revisions[i]), values[i])
+            value = evaluate(cols, lo_idx[i], hi_idx[i])
+            values[i] = np.nan if value is None else float(value)
+            if q.group_by is None:
+                CACHE.put((*key_base, int(points[i])), int(revisions[i]), values[i])
         _stats["misses"] += len(todo)
         out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
     return out
+
+
+def raw_series(conn, q: Query, points: np.ndarray, step: int,
+               deadline: float | None = None) -> list[Series]:
+    """Label metrics on each window's joined rows (labeled rows only, unless the metric says)."""
+    params = q.param_dict
+
+    def fetch(lo, hi):
+        return store.joined_rows(conn, q.model, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids)
+
+    def evaluate(cols, a, b):
+        y, s, d = cols["label"][a:b], cols["score"][a:b], cols["delay_s"][a:b]
+        if q.metric.labeled_only:
+            keep = ~np.isnan(y)
+            y, s, d = y[keep], s[keep], d[keep]
+        pred = (s >= q.threshold).astype(np.float64) if q.model.is_classifier else s
+        return q.metric.raw(WindowRows(y, s, pred, d, params))
+
+    return _windowed(conn, q, points, step, deadline, fetch, evaluate)
+
+
+def _fetch_column(conn, q: Query, col: Column, lo, hi) -> pd.DataFrame:
+    """Rows of a column with ts in (lo, hi]: ``value`` (numeric) or ``cat`` (segment value)."""
+    rows = store.column_rows(conn, q.model, feature=col.name if col.kind == "feature" else None,
+                             lo_s=lo, hi_s=hi, segset_ids=q.segset_ids)
+    if col.kind == "segment":
+        values = {sid: seg.get(col.name) for sid, seg in q.segsets.items()}
+        rows = rows.drop(columns="value").assign(cat=rows["segset_id"].map(values))
+    return rows
+
+
+def column_values(conn, q: Query, col: Column, lo, hi):
+    """All present values of a column in (lo, hi]: floats, or a list of segment values."""
+    rows = _fetch_column(conn, q, col, lo, hi)
+    if col.numeric:
+        v = rows["value"].to_numpy()
+        return v[~np.isnan(v)]
+    return [c for c in rows["cat"].tolist() if isinstance(c, str)]
+
+
+def column_series(conn, q: Query, points: np.ndarray, step: int,
+                  deadline: float | None = None) -> list[Series]:
+    """A distribution summary or a drift statistic of ``q.column`` on each window."""
+    col, stat, params = q.column, q.metric.name, q.param_dict
+
+    def fetch(lo, hi):
+        return _fetch_column(conn, q, col, lo, hi)
+
+    def evaluate(cols, a, b):
+        if not col.numeric:
+            cats = [c for c in cols["cat"][a:b] if isinstance(c, str)]
+            return distributions.categorical_drift(stat, cats, q.reference)
+        v = cols["value"][a:b]
+        present = v[~np.isnan(v)]
+        if q.metric.kind == "column":
+            return distributions.summary(stat, present, b - a, params.get("quantile", 0.5))
+        return distributions.numeric_drift(stat, present, q.reference)
+
+    return _windowed(conn, q, points, step, deadline, fetch, evaluate)
+
+
+def histogram_edges(conn, q: Query, from_s: float, to_s: float) -> np.ndarray:
+    values = column_values(conn, q, q.column, from_s, to_s)
+    return distributions.histogram_edges(values, q.param_dict.get("bins"))
+
+
+def histogram_series(conn, q: Query, points: np.ndarray, step: int, from_s: float,
+                     to_s: float) -> list[Series]:
+    """Counts per bin on each window, one series per bin named by its upper edge (Grafana heatmap).
+
+    The bins come from the values of the requested range, so they follow the data.
+    """
+    edges = histogram_edges(conn, q, from_s, to_s)
+    if len(points) == 0:
+        return []
+    span = windows.span_of(q.window, step, q.mode)
+    rows = _fetch_column(conn, q, q.column, None if span is None else int(points[0]) - span,
+                         int(points[-1]))
+    ts, v = rows["ts_s"].to_numpy(), rows["value"].to_numpy()
+    hi_idx = np.searchsorted(ts, points, side="right")
+    lo_idx = (np.zeros(len(points), dtype=np.int64) if span is None
+              else np.searchsorted(ts, points - span, side="right"))
+    counts = np.array([distributions.histogram_counts(v[a:b][~np.isnan(v[a:b])], edges)
+                       for a, b in zip(lo_idx, hi_idx, strict=True)], dtype=np.float64)
+    return [Series(_edge_label(edges[k + 1]), points, counts[:, k]) for k in range(len(edges) - 1)]
+
+
+def _edge_label(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def histogram_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
+    values = column_values(conn, q, q.column, from_s, to_s)
+    edges = distributions.histogram_edges(values, q.param_dict.get("bins"))
+    counts = distributions.histogram_counts(values, edges)
+    columns = [{"text": "bin", "type": "string"}, {"text": "lower", "type": "number"},
+               {"text": "upper", "type": "number"}, {"text": "count", "type": "number"}]
+    rows = [[f"{edges[k]:.6g}–{edges[k + 1]:.6g}", float(edges[k]), float(edges[k + 1]), int(c)]
+            for k, c in enumerate(counts)]
+    return columns, rows
+
+
+def drift_table(conn, q: Query, from_s: float, to_s: float, columns_refs: list) -> tuple[list, list]:
+    """Every column with a reference, ranked by PSI of the range (from, to] against it."""
+    out = []
+    for col, ref in columns_refs:
+        cur = column_values(conn, q, col, from_s, to_s)
+        if col.numeric:
+            stats = {k: distributions.numeric_drift(k, cur, ref) for k in distributions.NUMERIC_DRIFT}
+        else:
+            stats = {k: distributions.categorical_drift(k, cur, ref) for k in distributions.CATEGORICAL_DRIFT}
+        out.append((col, len(cur), stats))
+    out.sort(key=lambda r: (-np.nan_to_num(r[2]["psi"], nan=-1.0), r[0].name))
+    names = ["psi", "ks_statistic", "ks_pvalue", "wasserstein", "js_distance", "chi2_statistic", "chi2_pvalue"]
+    columns = [{"text": "column", "type": "string"}, {"text": "kind", "type": "string"},
+               {"text": "values", "type": "number"}] + [{"text": n, "type": "number"} for n in names]
+    rows = []
+    for col, n, stats in out:
+        cells = [stats.get(k) for k in names]
+        rows.append([col.name, col.kind, n] + [None if c is None or np.isnan(c) else float(c) for c in cells])
+    return columns, rows
 
 
 def series(conn, q: Query, points: np.ndarray, step: int,
@@ -289,6 +418,8 @@ def series(conn, q: Query, points: np.ndarray, step: int,
         return [] if q.group_by else [Series("", points, np.empty(0))]
     if q.metric.kind == "partial":
         return partial_series(conn, q, points, step)
+    if q.metric.kind in ("column", "drift"):
+        return column_series(conn, q, points, step, deadline)
     return raw_series(conn, q, points, step, deadline)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -142,8 +143,27 @@ def _threshold(value, model: store.Model) -> float | None:
     return thr
 
 
+MAX_HISTOGRAM_BINS = 1000
+
+
 def _metric_params(metric: metric_registry.Metric, payload: dict) -> tuple:
     params = {}
+    if "bins" in metric.payloads and payload.get("bins") not in (None, "", "auto"):
+        bins = _single(payload.get("bins"), "bins")
+        try:
+            bins = int(str(bins))
+        except ValueError:
+            raise _bad("bins must be a whole number (or empty for Freedman–Diaconis)", "payload.bins") from None
+        if not 1 <= bins <= MAX_HISTOGRAM_BINS:
+            raise _bad(f"bins must be between 1 and {MAX_HISTOGRAM_BINS}", "payload.bins")
+        params["bins"] = bins
+    if "format" in metric.payloads:
+        fmt = _single(payload.get("format"), "format") or "heatmap"
+        if fmt not in ("heatmap", "table"):
+            raise _bad("format must be heatmap or table", "payload.format")
+        params["format"] = fmt
+    if "reference" in metric.payloads:
+        params["reference"] = str(_single(payload.get("reference"), "reference") or "training")
     if "quantile" in metric.payloads:
         q = _single(payload.get("quantile"), "quantile")
         try:
@@ -154,6 +174,64 @@ def _metric_params(metric: metric_registry.Metric, payload: dict) -> tuple:
             raise _bad("quantile must be in (0, 1)", "payload.quantile")
         params["quantile"] = q
     return tuple(sorted(params.items()))
+
+
+def _column(conn, model: store.Model, segsets: dict, metric: metric_registry.Metric,
+            payload: dict) -> engine.Column:
+    """payload.column: ``score``, a feature name or a segment key (``feature:``/``segment:`` to disambiguate)."""
+    name = _single(payload.get("column"), "column") or "score"
+    name = str(name)
+    features = set(store.feature_names(conn, model))
+    segment_keys = {k for seg in segsets.values() for k in seg}
+    if name == "score":
+        col = engine.Column("score", "score")
+    elif name.startswith("feature:") and name[8:] in features:
+        col = engine.Column(name[8:], "feature")
+    elif name.startswith("segment:") and name[8:] in segment_keys:
+        col = engine.Column(name[8:], "segment")
+    elif name in features:
+        col = engine.Column(name, "feature")
+    elif name in segment_keys:
+        col = engine.Column(name, "segment")
+    else:
+        raise _bad(f"unknown column {name[:80]!r} for {model.name}: use score, a feature or a segment key",
+                   "payload.column")
+    if not col.numeric and metric.name in metric_registry.NUMERIC_ONLY:
+        raise _bad(f"{metric.name} needs a numeric column; {col.name} is a segment", "payload.column")
+    if col.numeric and metric.name in metric_registry.CATEGORICAL_ONLY:
+        raise _bad(f"{metric.name} needs a segment column; {col.name} is numeric", "payload.column")
+    return col
+
+
+def _reference(conn, q: engine.Query, col: engine.Column, spec: str):
+    """The reference sample of a column: a stored reference by name, or a time range 'from/to'."""
+    if "/" in spec:
+        a, _, b = spec.partition("/")
+        try:
+            lo, hi = windows.parse_time(_number_or_text(a), "from"), windows.parse_time(_number_or_text(b), "to")
+        except windows.WindowError:
+            raise _bad("reference must be a stored reference name or a time range 'from/to'",
+                       "payload.reference") from None
+        if hi <= lo:
+            raise _bad("reference range must end after it starts", "payload.reference")
+        values = engine.column_values(conn, q, col, lo, hi)
+        if len(values) == 0:
+            raise _bad(f"reference range {spec[:80]} has no data for {col.name}", "payload.reference")
+        return values
+    values = store.reference_column(conn, q.model, spec, col.name)
+    if values is None:
+        raise _bad(f"reference {spec[:40]!r} of {q.model.name} has no column {col.name!r}"
+                   " (the loader stores 'training')", "payload.reference")
+    if col.numeric:
+        if isinstance(values, list):
+            raise _bad(f"reference column {col.name!r} is categorical", "payload.reference")
+        values = values[~np.isnan(values)]
+    return values
+
+
+def _number_or_text(v: str):
+    v = v.strip()
+    return int(v) if v.isdigit() else v
 
 
 def _segset_filter(segsets: dict[int, dict], filters: list) -> tuple[int, ...] | None:
@@ -297,9 +375,18 @@ def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, poi
         segsets = store.segment_sets(conn, model.model_id)
         q = engine.Query(model, metric, window, mode, _threshold(payload.get("threshold"), model),
                          _segset_filter(segsets, filters), group_by, segsets, params)
-        if metric.kind == "table":
-            columns, rows = engine.table(conn, q, from_s, to_s)
+        if "column" in metric.payloads:
+            col = _column(conn, model, segsets, metric, payload)
+            q = replace(q, column=col, params=tuple(sorted({**q.param_dict, "column": f"{col.kind}:{col.name}"}.items())))
+            if metric.kind == "drift":
+                q = replace(q, reference=_reference(conn, q, col, q.param_dict["reference"]))
+        if metric.kind == "table" or q.param_dict.get("format") == "table":
+            columns, rows = _table(conn, q, from_s, to_s, segsets)
             out.append({"type": "table", "refId": ref, "columns": columns, "rows": rows})
+            continue
+        if metric.kind == "histogram":
+            for s in engine.histogram_series(conn, q, points, step, from_s, to_s):
+                out.append({"target": s.name, "refId": ref, "datapoints": _datapoints(s)})
             continue
         try:
             result = engine.series(conn, q, points, step, deadline)
@@ -323,6 +410,28 @@ def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, poi
                 item["tags"] = tags
             out.append(item)
     return out
+
+
+def _table(conn, q: engine.Query, from_s: float, to_s: float, segsets: dict) -> tuple[list, list]:
+    if q.metric.name == "histogram":
+        return engine.histogram_table(conn, q, from_s, to_s)
+    if q.metric.name == "drift_ranking":
+        spec = q.param_dict["reference"]
+        candidates = [engine.Column("score", "score")]
+        candidates += [engine.Column(f, "feature") for f in store.feature_names(conn, q.model)]
+        candidates += [engine.Column(k, "segment") for k in sorted({k for seg in segsets.values() for k in seg})]
+        pairs = []
+        for col in candidates:
+            try:
+                pairs.append((col, _reference(conn, q, col, spec)))
+            except BatchError:
+                if "/" in spec and col.kind == "score":
+                    raise
+                continue  # this column has no reference: not ranked
+        if not pairs:
+            raise _bad(f"reference {spec[:40]!r} has no columns for {q.model.name}", "payload.reference")
+        return engine.drift_table(conn, q, from_s, to_s, pairs)
+    return engine.table(conn, q, from_s, to_s)
 
 
 def _annotations(conn, payload: dict, from_s: float, to_s: float, ref: str) -> dict:
@@ -357,11 +466,26 @@ def _payload_fields(metric: metric_registry.Metric) -> list[dict]:
     if metric_registry.CLF in metric.tasks and metric.uses_threshold:
         fields.insert(3, {"name": "threshold", "label": "Threshold", "type": "input", "width": 10,
                           "placeholder": "model default"})
+    if "column" in metric.payloads:
+        fields.insert(1, {"name": "column", "label": "Column", "type": "select", "width": 20,
+                          "placeholder": "score"})
     if "quantile" in metric.payloads:
         fields.append({"name": "quantile", "label": "Quantile", "type": "input", "width": 10,
                        "placeholder": "0.5"})
+    if "reference" in metric.payloads:
+        fields.append({"name": "reference", "label": "Reference", "type": "select", "width": 24,
+                       "placeholder": "training"})
+    if "bins" in metric.payloads:
+        fields.append({"name": "bins", "label": "Bins", "type": "input", "width": 10,
+                       "placeholder": "auto (Freedman–Diaconis)"})
+    if "format" in metric.payloads:
+        fields.append({"name": "format", "label": "Format", "type": "select", "width": 12,
+                       "options": [{"label": "heatmap", "value": "heatmap"},
+                                   {"label": "table", "value": "table"}]})
+    if metric.kind in ("table", "histogram"):
+        fields = [f for f in fields if f["name"] != "group_by"]
     if metric.kind == "table":
-        fields = [f for f in fields if f["name"] not in ("window", "mode", "group_by")]
+        fields = [f for f in fields if f["name"] not in ("window", "mode")]
     return fields
 
 
@@ -408,6 +532,10 @@ def _segment_values(conn, model_names, key: str) -> list[str]:
     return sorted(values)
 
 
+def _feature_names(conn, model_names) -> list[str]:
+    return sorted({f for m in _models_or_all(conn, model_names) for f in store.feature_names(conn, m)})
+
+
 def _models_or_all(conn, names) -> list[store.Model]:
     if names in (None, "", []):
         return store.list_models(conn)
@@ -430,6 +558,12 @@ def metric_payload_options():
             values = list(windows.WINDOW_CHOICES)
         elif name == "mode":
             values = list(windows.MODES)
+        elif name == "column":
+            values = ["score", *_feature_names(conn, payload.get("model")),
+                      *_segment_keys(conn, payload.get("model"))]
+        elif name == "reference":
+            values = sorted({r for m in _models_or_all(conn, payload.get("model"))
+                             for r in store.reference_names(conn, m)} | {"training"})
         else:
             values = []
     return jsonify([{"label": v, "value": v} for v in values])
@@ -450,7 +584,8 @@ def variable():
     words = words if isinstance(words, list) else [words]
     kind = words[0] if words else ""
     args = words[1:]
-    model = payload.get("model") or (args[0] if kind in ("metrics", "segment_keys") and args else None)
+    model = payload.get("model") or (
+        args[0] if kind in ("metrics", "segment_keys", "group_by", "columns", "features") and args else None)
     with _pool().connection() as conn:
         if kind == "models":
             items = [(m.name, m.name) for m in store.list_models(conn)]
@@ -466,6 +601,9 @@ def variable():
             items = [(w, w) for w in windows.WINDOW_CHOICES]
         elif kind == "modes":
             items = [(m, m) for m in windows.MODES]
+        elif kind in ("columns", "features"):
+            items = [("score", "score")] if kind == "columns" else []
+            items += [(f, f) for f in _feature_names(conn, model)]
         elif kind in ("segment_keys", "group_by"):
             items = [("none", "none")] if kind == "group_by" else []
             items += [(k, k) for k in _segment_keys(conn, model)]
@@ -477,7 +615,8 @@ def variable():
             items = [(v, v) for v in _segment_values(conn, model, key)]
         else:
             raise _bad("payload.target must be one of: models, metrics [model], windows, modes, "
-                       "segment_keys [model], group_by [model], segment_values <key> [model]",
+                       "columns [model], features [model], segment_keys [model], group_by [model], "
+                       "segment_values <key> [model]",
                        "payload.target")
     return jsonify(_variable_items(items))
 

@@ -75,5 +75,12 @@ def add_event(conn, model_name: object, body: dict) -> int:
                            kind=kind, tags=tags)
 
 
+def set_reference(conn, model_name: object, body: object) -> int:
+    """Store a named reference distribution (the loader stores the training data's)."""
+    model = require_model(conn, model_name)
+    name, columns = records.parse_reference(body)
+    return store.set_reference(conn, model, name, columns)
+
+
 def latest_prediction_ts(conn, model_name: str) -> datetime | None:
     return store.latest_prediction_ts(conn, require_model(conn, model_name))

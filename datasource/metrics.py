@@ -262,7 +262,42 @@ _BUILTINS: list[Metric] = [
            frozenset({CLF}), "table", unit="none"),
 ]
 
-REGISTRY: dict[str, Metric] = {m.name: m for m in _BUILTINS}
+_DISTRIBUTIONS: list[Metric] = [
+    Metric("mean", "Mean", "Mean of the column (payload 'column': score or a feature) over the window.",
+           BOTH, "column", unit="none", payloads=("column",)),
+    Metric("std", "Standard deviation", "Population standard deviation (ddof 0) of the column.",
+           BOTH, "column", unit="none", payloads=("column",)),
+    Metric("min", "Minimum", "Smallest value of the column.", BOTH, "column", unit="none", payloads=("column",)),
+    Metric("max", "Maximum", "Largest value of the column.", BOTH, "column", unit="none", payloads=("column",)),
+    Metric("quantile", "Quantile", "Exact quantile (payload 'quantile', default 0.5; linear interpolation).",
+           BOTH, "column", unit="none", payloads=("column", "quantile")),
+    Metric("missing_rate", "Missing rate", "Share of predictions without a value for the column.",
+           BOTH, "column", payloads=("column",)),
+    Metric("histogram", "Histogram", "Counts per bin (Freedman–Diaconis over the range, or payload 'bins'): "
+           "one series per bin for a heatmap, or a table with payload format=table.",
+           BOTH, "histogram", unit="short", payloads=("column", "bins", "format")),
+    Metric("ks_statistic", "KS statistic", "Two-sample Kolmogorov–Smirnov statistic against the reference.",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("ks_pvalue", "KS p-value", "Two-sample Kolmogorov–Smirnov p-value (scipy) against the reference.",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("psi", "PSI", "Population stability index over the reference's deciles (or categories).",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("wasserstein", "Wasserstein distance", "Earth mover's distance to the reference.",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("js_distance", "Jensen–Shannon distance", "JS distance (base 2) over the reference's deciles.",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("chi2_statistic", "Chi² statistic", "Chi-squared test of a segment's category counts vs the reference.",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("chi2_pvalue", "Chi² p-value", "p-value of the chi-squared test of category counts vs the reference.",
+           BOTH, "drift", unit="none", payloads=("column", "reference")),
+    Metric("drift_ranking", "Drift ranking", "Every column with a reference, ranked by PSI over the range.",
+           BOTH, "table", unit="none", payloads=("reference",)),
+]
+NUMERIC_ONLY = {"mean", "std", "min", "max", "quantile", "missing_rate", "histogram", "ks_statistic", "ks_pvalue",
+                "wasserstein", "js_distance"}
+CATEGORICAL_ONLY = {"chi2_statistic", "chi2_pvalue"}
+
+REGISTRY: dict[str, Metric] = {m.name: m for m in _BUILTINS + _DISTRIBUTIONS}
 
 
 def metric(name: str | None = None, *, input: str = "score", tasks=(CLF, REG), label: str | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -209,6 +209,7 @@ class PredictionRows:
     scores: list[float]
     segments: list[dict]
     features_json: list[str]
+    feature_names: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -256,6 +257,7 @@ def parse_predictions(records: object, task: str, max_records: int) -> Predictio
             out.scores.append(float(score))
             out.segments.append(seg)
             out.features_json.append(json.dumps(feats, separators=(",", ":"), allow_nan=False))
+            out.feature_names.update(feats)
     if errors:
         raise BatchError(f"{len(errors)} invalid field(s); nothing was written", errors)
     return out
@@ -292,3 +294,48 @@ def parse_feedback(records: object, task: str, max_records: int) -> FeedbackRows
     if errors:
         raise BatchError(f"{len(errors)} invalid field(s); nothing was written", errors)
     return out
+
+
+MAX_REFERENCE_VALUES = 200_000
+
+
+def parse_reference(body: object) -> tuple[str, dict[str, list]]:
+    """A reference distribution: ``{"name": "training", "columns": {col: [numbers or strings]}}``.
+
+    Numeric columns (numbers, null for missing) become floats; categorical
+    columns are strings. A column may not mix the two.
+    """
+    if not isinstance(body, dict):
+        raise BatchError("body must be a JSON object with 'name' and 'columns'")
+    name = body.get("name", "training")
+    errors = []
+    if not isinstance(name, str) or not name or len(name) > 64:
+        errors.append(_err(None, "name", "must be 1 to 64 characters"))
+    columns = body.get("columns")
+    if not isinstance(columns, dict) or not columns:
+        errors.append(_err(None, "columns", "must be an object of column name -> list of values"))
+        raise BatchError("invalid reference", errors)
+    clean: dict[str, list] = {}
+    for col, values in columns.items():
+        field_name = f"columns.{col}"
+        if not col or len(col) > MAX_FEATURE_NAME_LENGTH:
+            errors.append(_err(None, "columns", f"name {col[:70]!r} is empty or too long"))
+            continue
+        if not isinstance(values, list) or not values:
+            errors.append(_err(None, field_name, "must be a non-empty list"))
+            continue
+        if len(values) > MAX_REFERENCE_VALUES:
+            errors.append(_err(None, field_name, f"has more than {MAX_REFERENCE_VALUES} values"))
+            continue
+        if all(isinstance(v, str) for v in values):
+            clean[col] = values
+        elif all(v is None or _is_number(v) for v in values):
+            if any(v is not None and math.isinf(v) for v in values):
+                errors.append(_err(None, field_name, "values must be finite"))
+                continue
+            clean[col] = [float("nan") if v is None else float(v) for v in values]
+        else:
+            errors.append(_err(None, field_name, "must be all numbers (or null) or all strings"))
+    if errors:
+        raise BatchError("invalid reference", errors)
+    return name, clean

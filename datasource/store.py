@@ -302,6 +302,11 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
         _contributions_into_delta(cur, model, +1)
         _merge_delta(cur, model, revision)
         cur.execute("DROP TABLE stage_pred, stage_keys")
+        names = sorted(rows.feature_names)
+        if names:
+            cur.execute(
+                "INSERT INTO model_features (model_id, name) SELECT %(m)s, unnest(%(n)s::text[])"
+                " ON CONFLICT DO NOTHING", {"m": model.model_id, "n": names})
     return len(last)
 
 
@@ -492,10 +497,82 @@ def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
         ORDER BY p.ts, p.output_id
     """
+    return _copy_out(conn, sql, params, {"ts_s": np.float64, "score": np.float64,
+                                         "label": np.float64, "delay_s": np.float64,
+                                         "segset_id": np.int64})
+
+
+# --------------------------------------------------------------------------- columns and references
+
+
+def feature_names(conn, model: Model) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT name FROM model_features WHERE model_id = %(m)s ORDER BY name",
+                    {"m": model.model_id})
+        return [r[0] for r in cur.fetchall()]
+
+
+def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, hi_s: float,
+                segset_ids: Sequence[int] | None) -> pd.DataFrame:
+    """Prediction-time values of the score (``feature`` None) or of one feature, sorted by ts.
+
+    Columns ts_s, value (NaN where the feature is missing), segset_id.
+    """
+    params = {"m": model.model_id, "lo": lo_s, "hi": hi_s, "f": feature,
+              "segs": list(segset_ids) if segset_ids is not None else None}
+    value = "p.score" if feature is None else "(p.features ->> %(f)s)::float8"
+    seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
+    lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
+    sql = f"""
+        SELECT extract(epoch FROM p.ts)::float8 AS ts_s, {value} AS value, p.segset_id
+        FROM predictions p
+        WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
+        ORDER BY p.ts, p.output_id
+    """
+    return _copy_out(conn, sql, params, {"ts_s": np.float64, "value": np.float64,
+                                         "segset_id": np.int64})
+
+
+def _copy_out(conn, sql: str, params: dict, dtypes: dict) -> pd.DataFrame:
+    """Run a parameterised SELECT through COPY and parse it with pandas (fast for many rows)."""
     with conn.cursor() as cur:
         query = cur.mogrify(sql, params).decode()
         buf = io.StringIO()
         cur.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)", buf)
     buf.seek(0)
-    return pd.read_csv(buf, dtype={"ts_s": np.float64, "score": np.float64, "label": np.float64,
-                                   "delay_s": np.float64, "segset_id": np.int64})
+    return pd.read_csv(buf, dtype=dtypes)
+
+
+def set_reference(conn, model: Model, reference: str, columns: dict[str, list]) -> int:
+    """Store (replace) a named reference distribution, one array per column."""
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM reference_columns WHERE model_id = %(m)s AND reference = %(r)s",
+                    {"m": model.model_id, "r": reference})
+        for name, values in columns.items():
+            numeric = all(isinstance(v, float) for v in values)
+            cur.execute(
+                "INSERT INTO reference_columns (model_id, reference, column_name, num_values, cat_values)"
+                " VALUES (%(m)s, %(r)s, %(c)s, %(num)s, %(cat)s)",
+                {"m": model.model_id, "r": reference, "c": name,
+                 "num": values if numeric else None, "cat": None if numeric else values})
+    return len(columns)
+
+
+def reference_names(conn, model: Model) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT reference FROM reference_columns WHERE model_id = %(m)s"
+                    " ORDER BY 1", {"m": model.model_id})
+        return [r[0] for r in cur.fetchall()]
+
+
+def reference_column(conn, model: Model, reference: str, column: str):
+    """A stored reference column: float ndarray, list of str, or None when absent."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT num_values, cat_values FROM reference_columns"
+                    " WHERE model_id = %(m)s AND reference = %(r)s AND column_name = %(c)s",
+                    {"m": model.model_id, "r": reference, "c": column})
+        row = cur.fetchone()
+    if row is None:
+        return None
+    num, cat = row
+    return np.asarray(num, dtype=np.float64) if num is not None else cat

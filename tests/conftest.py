@@ -17,7 +17,7 @@ import pytest
 from datasource import create_app, db
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_DB = "mlsli_test"
+TEST_DB = os.environ.get("MLSLI_TEST_DB", "mlsli_test")  # separate runs may share a server
 
 
 def _with_dbname(url: str, name: str) -> str:
