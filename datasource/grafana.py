@@ -53,16 +53,45 @@ def _bad(message: str, field: str | None = None) -> BatchError:
 # ----------------------------------------------------------------------- variable values
 
 
-def resolve_value(value, scoped: dict):
+def _regex_escape(text: str) -> str:
+    return re.sub(r"([\\^$*+?.()|\[\]{}/])", r"\\\1", text)
+
+
+def scoped_forms(scoped: dict) -> dict[str, object]:
+    """How each dashboard variable's value can arrive after the plugin interpolated it.
+
+    Maps the regex-escaped form (``0\\.5``, ``(a|b)``) and the JSON form of each
+    value in ``scopedVars`` back to the value itself, so that values are read
+    from scopedVars first and only then unescaped by rule.
+    """
+    forms: dict[str, object] = {}
+    for name, var in scoped.items():
+        if not isinstance(var, dict) or name.startswith("__"):
+            continue
+        value = var.get("value")
+        if isinstance(value, str):
+            forms[_regex_escape(value)] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            forms["(" + "|".join(_regex_escape(v) for v in value) + ")"] = list(value)
+            forms[json.dumps(value)] = list(value)
+    return forms
+
+
+def resolve_value(value, scoped: dict, forms: dict | None = None):
     """A payload value as the user meant it.
 
-    Leftover ``$var`` references come from ``scopedVars``; regex escapes
-    (``0\\.5``) are undone; ``(a|b)``, JSON arrays and ``a,b`` become lists.
+    Leftover ``$var`` references and interpolated forms of dashboard variables
+    come from ``scopedVars``; otherwise regex escapes (``0\\.5``) are undone and
+    ``(a|b)``, JSON arrays and ``a,b`` become lists.
     """
+    if forms is None:
+        forms = scoped_forms(scoped) if scoped else {}
+    if isinstance(value, str) and value.strip() in forms:
+        return forms[value.strip()]
     if isinstance(value, list):
         out = []
         for v in value:
-            r = resolve_value(v, scoped)
+            r = resolve_value(v, scoped, forms)
             out.extend(r if isinstance(r, list) else [r])
         return out
     if not isinstance(value, str):
@@ -72,7 +101,7 @@ def resolve_value(value, scoped: dict):
     if m:
         name = next(g for g in m.groups() if g)
         if name in scoped and isinstance(scoped[name], dict):
-            return resolve_value(scoped[name].get("value"), scoped)
+            return scoped[name].get("value")
     if text.startswith("[") and text.endswith("]"):
         try:
             parsed = json.loads(text)
@@ -105,7 +134,8 @@ def _payload(target: dict, scoped: dict) -> dict:
             raise _bad("payload is not valid JSON", "payload") from None
     if not isinstance(payload, dict):
         raise _bad("payload must be a JSON object", "payload")
-    return {k: resolve_value(v, scoped) for k, v in payload.items()}
+    forms = scoped_forms(scoped)
+    return {k: resolve_value(v, scoped, forms) for k, v in payload.items()}
 
 
 # ----------------------------------------------------------------------- query parsing

@@ -291,3 +291,17 @@ def test_slow_python_metric_is_stopped_by_the_time_budget(database_url, loaded):
     finally:
         registry.REGISTRY.pop("slow_metric")
         app.extensions["pool"].close()
+
+
+def test_values_are_read_from_scoped_vars_first(loaded):
+    """A model named 'eu,v1' would split into two by the CSV rule; scopedVars says it is one."""
+    assert loaded.post("/api/v1/models", json={"name": "eu,v1(b)"}).status_code == 201
+    assert loaded.post("/api/v1/predictions", json={"model": "eu,v1(b)", "records": [
+        {"id": "a", "ts": "2020-02-01T00:30:00Z", "score": 0.4}]}).status_code == 200
+    targets = [{"refId": "A", "target": "prediction_count", "editorMode": "builder",
+                "payload": {"model": "eu,v1\\(b\\)", "window": "1h"}}]
+    scoped = {"model": {"text": "eu,v1(b)", "value": "eu,v1(b)"}}
+    r = _query(loaded, targets, scopedVars=scoped)
+    assert r.status_code == 200, r.get_json()
+    assert [s["target"] for s in r.get_json()] == ["prediction_count"]
+    assert _query(loaded, targets).status_code == 400  # without scopedVars the CSV rule splits it
