@@ -267,6 +267,23 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
     )
 
 
+def _staged_upsert(cur, model: Model, stage_columns: str, rows: Iterable[Sequence],
+                   upsert_sql: str) -> None:
+    """COPY rows into ``stage``, then: minus the old contributions of their keys, upsert, plus
+    the new ones, merge into the rollup. The per-model lock makes this atomic for readers of
+    the rollup and for other writers."""
+    revision = _begin_write(cur, model)
+    cur.execute(f"CREATE TEMP TABLE stage ({stage_columns}) ON COMMIT DROP")
+    names = ", ".join(c.split()[0] for c in stage_columns.split(","))
+    _copy_rows(cur, "stage", names, rows)
+    cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage")
+    _contributions_into_delta(cur, model, -1)
+    cur.execute(upsert_sql, {"m": model.model_id})
+    _contributions_into_delta(cur, model, +1)
+    _merge_delta(cur, model, revision)
+    cur.execute("DROP TABLE stage, stage_keys")
+
+
 def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     """Upsert validated predictions and keep the rollup equal to the raw rows.
 
@@ -278,30 +295,18 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     segset_ids = _segset_ids(conn, model.model_id, rows.segments)
     last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
     with conn.cursor() as cur:
-        revision = _begin_write(cur, model)
-        cur.execute(
-            "CREATE TEMP TABLE stage_pred (output_id text, ts timestamptz, score double precision,"
-            " segset_id int, features jsonb) ON COMMIT DROP"
-        )
-        _copy_rows(cur, "stage_pred", "output_id, ts, score, segset_id, features", (
-            (oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i], rows.features_json[i])
-            for oid, i in last.items()
-        ))
-        cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage_pred")
-        _contributions_into_delta(cur, model, -1)
-        cur.execute(
+        _staged_upsert(
+            cur, model,
+            "output_id text, ts timestamptz, score double precision, segset_id int, features jsonb",
+            ((oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i], rows.features_json[i])
+             for oid, i in last.items()),
             """
             INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features)
-            SELECT %(m)s, output_id, ts, score, segset_id, features FROM stage_pred
+            SELECT %(m)s, output_id, ts, score, segset_id, features FROM stage
             ON CONFLICT (model_id, output_id) DO UPDATE SET
               ts = excluded.ts, score = excluded.score, segset_id = excluded.segset_id,
               features = excluded.features, written_at = now()
-            """,
-            {"m": model.model_id},
-        )
-        _contributions_into_delta(cur, model, +1)
-        _merge_delta(cur, model, revision)
-        cur.execute("DROP TABLE stage_pred, stage_keys")
+            """)
         names = sorted(rows.feature_names)
         if names:
             cur.execute(
@@ -316,28 +321,15 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         return 0
     last = {oid: i for i, oid in enumerate(rows.ids)}
     with conn.cursor() as cur:
-        revision = _begin_write(cur, model)
-        cur.execute(
-            "CREATE TEMP TABLE stage_fb (output_id text, ts timestamptz, label double precision)"
-            " ON COMMIT DROP"
-        )
-        _copy_rows(cur, "stage_fb", "output_id, ts, label", (
-            (oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()
-        ))
-        cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage_fb")
-        _contributions_into_delta(cur, model, -1)
-        cur.execute(
+        _staged_upsert(
+            cur, model, "output_id text, ts timestamptz, label double precision",
+            ((oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()),
             """
             INSERT INTO feedback (model_id, output_id, ts, label)
-            SELECT %(m)s, output_id, ts, label FROM stage_fb
+            SELECT %(m)s, output_id, ts, label FROM stage
             ON CONFLICT (model_id, output_id) DO UPDATE SET
               ts = excluded.ts, label = excluded.label, written_at = now()
-            """,
-            {"m": model.model_id},
-        )
-        _contributions_into_delta(cur, model, +1)
-        _merge_delta(cur, model, revision)
-        cur.execute("DROP TABLE stage_fb, stage_keys")
+            """)
     return len(last)
 
 
