@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from itertools import islice
 
-from datasource import db, ingest, records
+from datasource import db, ingest, records, store
 from datasource.config import Settings
 
 
@@ -66,12 +67,15 @@ class Client:
         return self._t.register_model(body)
 
     def write_predictions(self, model: str, recs: Iterable[dict]) -> int:
-        """Upsert predictions ``{"id", "ts", "score", "segments", "features"}``; returns count."""
-        return sum(self._t.write("predictions", model, b) for b in _batches(recs, self._t.batch_size))
+        """Upsert predictions ``{"id", "ts", "score", "segments", "features"}``; returns count.
+
+        Records go in batches (``batch_size``), each its own transaction.
+        """
+        return self._t.write_all("predictions", model, _batches(recs, self._t.batch_size))
 
     def write_feedback(self, model: str, recs: Iterable[dict]) -> int:
         """Upsert feedback ``{"id", "ts", "label"}``; returns count."""
-        return sum(self._t.write("feedback", model, b) for b in _batches(recs, self._t.batch_size))
+        return self._t.write_all("feedback", model, _batches(recs, self._t.batch_size))
 
     def add_event(self, model: str, ts, title: str, text: str = "", tags: Iterable[str] = (),
                   time_end=None, kind: str = "event") -> int:
@@ -124,10 +128,27 @@ class _Local:
         return {"name": model.name, "task": model.task, "threshold": model.threshold,
                 "created": created}
 
-    def write(self, kind: str, model: str, batch: list) -> int:
-        fn = ingest.write_predictions if kind == "predictions" else ingest.write_feedback
-        # Records may come straight from pandas: validation wants plain Python values.
-        return self._tx(fn, model, batch, max(len(batch), 1))
+    def write_all(self, kind: str, model: str, batches: Iterator[list]) -> int:
+        """Validate batch n+1 in a thread while PostgreSQL writes batch n.
+
+        psycopg2 releases the GIL while the server works, so building and
+        validating records overlaps with the upsert and rollup upkeep.
+        """
+        target = self._tx(ingest.require_model, model)
+        parse = records.parse_predictions if kind == "predictions" else records.parse_feedback
+        write = store.write_predictions if kind == "predictions" else store.write_feedback
+
+        def prepare():
+            batch = next(batches, None)
+            return None if batch is None else parse(batch, target.task, max(len(batch), 1))
+
+        total = 0
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare)
+            while (rows := pending.result()) is not None:
+                pending = pool.submit(prepare)
+                total += self._tx(write, target, rows)
+        return total
 
     def add_event(self, model: str, body: dict) -> int:
         return self._tx(ingest.add_event, model, body)
@@ -166,8 +187,9 @@ class _Remote:
     def register_model(self, body: dict) -> dict:
         return self._post("/api/v1/models", body)
 
-    def write(self, kind: str, model: str, batch: list) -> int:
-        return self._post(f"/api/v1/{kind}", {"model": model, "records": batch})["written"]
+    def write_all(self, kind: str, model: str, batches: Iterator[list]) -> int:
+        return sum(self._post(f"/api/v1/{kind}", {"model": model, "records": b})["written"]
+                   for b in batches)
 
     def add_event(self, model: str, body: dict) -> int:
         return self._post("/api/v1/events", {"model": model, **body})["event_id"]

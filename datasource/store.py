@@ -193,22 +193,24 @@ def _segset_ids(conn, model_id: int, segments: list[dict]) -> list[int]:
     """Ids for each segments dict, creating the combinations not seen before."""
     import json
 
-    keys = [json.dumps(s, sort_keys=True, separators=(",", ":")) for s in segments]
-    distinct = sorted(set(keys))
+    keys = [tuple(sorted(s.items())) for s in segments]
+    distinct = {k: json.dumps(dict(k), sort_keys=True, separators=(",", ":")) for k in set(keys)}
+    texts = sorted(distinct.values())
     with conn.cursor() as cur:
         cur.execute(
             "INSERT INTO segment_sets (model_id, segments)"
             " SELECT %(m)s, s::jsonb FROM unnest(%(s)s::text[]) AS s"
             " ON CONFLICT (model_id, segments) DO NOTHING",
-            {"m": model_id, "s": distinct},
+            {"m": model_id, "s": texts},
         )
         cur.execute(
             "SELECT s, ss.segset_id FROM unnest(%(s)s::text[]) AS s"
             " JOIN segment_sets ss ON ss.model_id = %(m)s AND ss.segments = s::jsonb",
-            {"m": model_id, "s": distinct},
+            {"m": model_id, "s": texts},
         )
         ids = dict(cur.fetchall())
-    return [ids[k] for k in keys]
+    by_key = {k: ids[text] for k, text in distinct.items()}
+    return [by_key[k] for k in keys]
 
 
 # --------------------------------------------------------------------------- writes
