@@ -1,0 +1,50 @@
+"""The backfill's accuracy per month equals the store's own `accuracy`, read through /query.
+
+The summary scores every replayed trip; the store only sees the trips whose
+feedback arrived (3% never does), so the two agree within that noise. Both
+show the January model's decay within the spec's bands.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pandas as pd
+import pytest
+
+from loader import generator, pipeline, replay, sources
+
+SCALE, SEED = 0.004, 0
+MODEL = "taxi-high-tip"
+BANDS = {2: (0.69, 0.75), 4: (0.57, 0.65), 5: (0.57, 0.65)}
+
+
+def _month(m: int) -> pd.DataFrame:
+    return sources.normalize(generator.generate_month(m, scale=SCALE, seed=SEED))
+
+
+def test_store_accuracy_per_month_matches_the_backfill_summary(http, client):
+    trained = pipeline.train(_month(1), "2020-01-01", "2020-02-01")
+    replay.ensure_registered(client, trained, MODEL)
+    months = [replay.MonthInput(2020, m, partial(_month, m)) for m in range(1, 6)]
+    summary = replay.backfill(client, trained, months, start=replay.parse_time("2020-01-01"),
+                              until=replay.parse_time("2020-06-01"), model_name=MODEL,
+                              progress=False, policy=replay.FeedbackPolicy())
+    by_month = {int(s.month[-2:]): s for s in summary.months}  # "2020-02" -> 2
+    for month in range(2, 6):
+        start = replay.parse_time(f"2020-{month:02d}-01")  # New York midnight, in UTC
+        end = replay.parse_time(f"2020-{month + 1:02d}-01")
+        hours = int((end - start).total_seconds() // 3600)
+        t = pd.Timestamp(end).tz_convert("UTC").isoformat()
+        body = {"range": {"from": t, "to": t}, "intervalMs": 3_600_000, "maxDataPoints": 10,
+                "targets": [{"refId": "A", "target": "accuracy",
+                             "payload": {"model": MODEL, "window": f"{hours}h"}}]}
+        r = http.post("/query", json=body)
+        assert r.status_code == 200, r.get_json()
+        store_acc = r.get_json()[0]["datapoints"][-1][0]
+        replay_acc = by_month[month].accuracy
+        print(f"2020-{month:02d}: backfill summary {replay_acc:.4f}, store {store_acc:.4f}")
+        assert store_acc == pytest.approx(replay_acc, abs=0.015)
+        if month in BANDS:
+            lo, hi = BANDS[month]
+            assert lo <= store_acc <= hi, (month, store_acc)
