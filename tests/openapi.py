@@ -11,8 +11,6 @@ import copy
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "simpod-json-datasource.openapi.yaml"
 
 
@@ -39,9 +37,11 @@ def _resolve(node, spec):
     return node
 
 
+def available() -> bool:
+    return SPEC.exists()
+
+
 def response_schema(path: str) -> dict | None:
-    if not SPEC.exists():
-        pytest.skip("the plugin's OpenAPI file (../shared/reference) is not available")
     spec = _spec()
     resp = spec["paths"][path]["post" if path != "/" else "get"]["responses"]["200"]
     content = resp.get("content", {}).get("application/json")
@@ -49,8 +49,12 @@ def response_schema(path: str) -> dict | None:
 
 
 def validate(path: str, body) -> None:
+    """Validate when the definition is at hand; without it the calling test goes on unvalidated
+    (``test_openapi_definition_is_available`` then reports the skip once)."""
     from openapi_schema_validator import OAS30Validator
 
+    if not available():
+        return
     schema = response_schema(path)
     if schema is not None:
         OAS30Validator(schema).validate(body)
