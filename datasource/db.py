@@ -89,11 +89,21 @@ def resolve_url(database_url: str | None, data_dir: str | Path) -> str:
     return database_url or embedded_url(data_dir)
 
 
+def _session_options(statement_timeout_ms: int) -> str:
+    """Per-session settings: a statement timeout, UTC, and no JIT.
+
+    JIT compilation costs tens of milliseconds per query, more than the
+    rollup scans it would speed up (measured: cumulative accuracy over 30 days
+    spent most of its 54 ms of SQL compiling).
+    """
+    return f"-c statement_timeout={int(statement_timeout_ms)} -c timezone=UTC -c jit=off"
+
+
 def connect(url: str, statement_timeout_ms: int = 10_000):
     """One connection with a statement timeout and UTC session time zone."""
     conn = psycopg2.connect(
         url,
-        options=f"-c statement_timeout={int(statement_timeout_ms)} -c timezone=UTC",
+        options=_session_options(statement_timeout_ms),
         application_name="mlsli",
     )
     return conn
@@ -111,7 +121,7 @@ class Pool:
             1,
             size,
             url,
-            options=f"-c statement_timeout={int(statement_timeout_ms)} -c timezone=UTC",
+            options=_session_options(statement_timeout_ms),
             application_name="mlsli",
         )
 

@@ -115,11 +115,22 @@ def _use_rollup(q: Query, g: int) -> bool:
     return g % ROLLUP_BUCKET_S == 0 and same_threshold
 
 
-def _partials(conn, q: Query, *, g: int, lo: int | None, hi: int, from_rollup: bool) -> pd.DataFrame:
-    return store.partials_by_bucket(
-        conn, q.model, g_s=g, lo_s=lo, hi_s=hi,
-        segset_ids=q.segset_ids, by_segset=q.group_by is not None,
-        threshold=q.threshold if q.model.is_classifier else None, from_rollup=from_rollup)
+def _partials(conn, q: Query, *, g: int, lo: int | None, hi: int, from_rollup: bool,
+              memo: dict | None = None) -> pd.DataFrame:
+    """Partials per g-bucket; ``memo`` shares one read among the targets of a request
+    (a dashboard's accuracy, precision, recall… panels all sum the same partials)."""
+    threshold = q.threshold if q.model.is_classifier else None
+    by_segset = q.group_by is not None
+    key = (q.model.model_id, g, lo, hi, q.segset_ids, by_segset,
+           None if from_rollup else threshold, from_rollup)  # rollup: the model's threshold
+    if memo is not None and key in memo:
+        return memo[key]
+    df = store.partials_by_bucket(
+        conn, q.model, g_s=g, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids, by_segset=by_segset,
+        threshold=threshold, from_rollup=from_rollup)
+    if memo is not None:
+        memo[key] = df
+    return df
 
 
 def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
@@ -136,7 +147,8 @@ def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
             for g, part in df.groupby("group", sort=True)}
 
 
-def partial_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series]:
+def partial_series(conn, q: Query, points: np.ndarray, step: int,
+                   memo: dict | None = None) -> list[Series]:
     g = windows.bucket_width(q.window, step, q.mode)
     span = windows.span_of(q.window, step, q.mode)
     start = int(points[0]) - (span if span is not None else step)
@@ -145,11 +157,11 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int) -> list[Series
         raise QueryError(f"window {q.window.text} at a {step}s step needs {n_buckets} buckets of "
                          f"{g}s; choose a window that is a multiple of the step")
     from_rollup = _use_rollup(q, g)
-    df = _partials(conn, q, g=g, lo=start, hi=int(points[-1]), from_rollup=from_rollup)
+    df = _partials(conn, q, g=g, lo=start, hi=int(points[-1]), from_rollup=from_rollup, memo=memo)
     prefix_groups = {}
     if span is None:
         prefix = _partials(conn, q, g=_TOTAL_G, lo=None, hi=start,
-                           from_rollup=from_rollup and start % ROLLUP_BUCKET_S == 0)
+                           from_rollup=from_rollup and start % ROLLUP_BUCKET_S == 0, memo=memo)
         prefix_groups = {k: v[list(PARTIALS)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
     out = []
     names = sorted(set(_grouped(df, q)) | set(prefix_groups)) if q.group_by else [""]
@@ -408,7 +420,7 @@ def drift_table(conn, q: Query, from_s: float, to_s: float, columns_refs: list) 
 
 
 def series(conn, q: Query, points: np.ndarray, step: int,
-           deadline: float | None = None) -> list[Series]:
+           deadline: float | None = None, memo: dict | None = None) -> list[Series]:
     """One series (or one per group) of the metric at each point.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the Python side of raw
@@ -417,7 +429,7 @@ def series(conn, q: Query, points: np.ndarray, step: int,
     if len(points) == 0:
         return [] if q.group_by else [Series("", points, np.empty(0))]
     if q.metric.kind == "partial":
-        return partial_series(conn, q, points, step)
+        return partial_series(conn, q, points, step, memo)
     if q.metric.kind in ("column", "drift"):
         return column_series(conn, q, points, step, deadline)
     return raw_series(conn, q, points, step, deadline)

@@ -368,16 +368,18 @@ def query():
     out = []
     budget_s = current_app.extensions["settings"].statement_timeout_ms / 1000.0
     deadline = time.monotonic() + budget_s if budget_s > 0 else None
+    memo: dict = {}  # partials read once for all targets of this request
     with _pool().connection() as conn:
         for t in targets:
             if not isinstance(t, dict) or t.get("hide") is True:
                 continue
-            out.extend(_answer_target(conn, t, scoped, filters, from_s, to_s, step, points, deadline))
+            out.extend(_answer_target(conn, t, scoped, filters, from_s, to_s, step, points,
+                                      deadline, memo))
     return jsonify(out)
 
 
 def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, points,
-                   deadline: float | None) -> list:
+                   deadline: float | None, memo: dict) -> list:
     ref = t.get("refId", "A")
     name = resolve_value(t.get("target") or "", scoped)
     name = _single(name, "target") if isinstance(name, list) else name
@@ -419,7 +421,7 @@ def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, poi
                 out.append({"target": s.name, "refId": ref, "datapoints": _datapoints(s)})
             continue
         try:
-            result = engine.series(conn, q, points, step, deadline)
+            result = engine.series(conn, q, points, step, deadline, memo)
         except engine.QueryError as e:
             raise _bad(str(e), "payload.window") from None
         except engine.ComputeTimeout:

@@ -111,18 +111,6 @@ def _mcc(p):
     return _div(tp * tn - fp * fn, den)
 
 
-def _r2(p):
-    n, sy, syy, sse = p["n_lab"], p["sum_label"], p["sum_label_sq"], p["sum_sq_err"]
-    mean = _div(sy, n)
-    with np.errstate(invalid="ignore"):
-        sst = syy - sy * mean
-    # A constant target: scikit-learn gives 1 for a perfect fit, else 0.
-    const = np.abs(sst) <= 1e-12 * np.maximum(np.abs(syy), 1e-300)
-    r2 = 1.0 - _div(sse, np.where(const, np.nan, sst))
-    r2 = np.where(const, np.where(sse == 0, 1.0, 0.0), r2)
-    return np.where(n >= 2, r2, np.nan)
-
-
 def _non_empty(p, values):
     return np.where(np.asarray(p["n_pred"]) > 0, values, np.nan)
 
@@ -188,6 +176,17 @@ def _label_delay(w) -> float:
     return float(np.quantile(w.delay, w.params.get("quantile", 0.5)))
 
 
+def _r2(w) -> float:
+    """scikit-learn's r2_score: two passes, and 1 (perfect) or 0 for a constant target."""
+    if len(w.y_true) < 2:
+        return np.nan
+    ss_res = float(np.sum((w.y_true - w.y_score) ** 2))
+    ss_tot = float(np.sum((w.y_true - np.mean(w.y_true)) ** 2))
+    if ss_tot == 0.0:
+        return 1.0 if ss_res == 0.0 else 0.0
+    return 1.0 - ss_res / ss_tot
+
+
 def _mape(w) -> float:
     if len(w.y_true) == 0:
         return np.nan
@@ -240,8 +239,10 @@ _BUILTINS: list[Metric] = [
            finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"])),
     Metric("rmse", "RMSE", "Root mean squared error.", frozenset({REG}), _P, unit="none",
            finalize=lambda p: np.sqrt(_div(p["sum_sq_err"], p["n_lab"]))),
+    # R² runs on raw rows: from sums, 1 - SSres/(Σy² - (Σy)²/n) loses digits when the labels of
+    # a window are nearly equal; scikit-learn's two passes do not.
     Metric("r2", "R²", "Coefficient of determination (needs 2+ labeled predictions).",
-           frozenset({REG}), _P, unit="none", finalize=_r2),
+           frozenset({REG}), "raw", unit="none", raw=_r2),
     Metric("mean_error", "Mean error (bias)", "Mean of prediction minus label.",
            frozenset({REG}), _P, unit="none", finalize=lambda p: _div(p["sum_err"], p["n_lab"])),
     Metric("mape", "MAPE", "Mean absolute percentage error (scikit-learn's definition).",

@@ -168,8 +168,11 @@ def test_random_queries_match_sklearn(http, task, metrics, n_queries):
             payload["threshold"] = thr_text
         if group_by:
             payload["group_by"] = group_by
+        # A second target in the same request: targets share partials read once per request.
+        other = metrics[int(rng.integers(0, len(metrics)))]
         body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": interval, "maxDataPoints": max_points,
-                "targets": [{"refId": "A", "target": metric, "payload": payload}], "filters": filters}
+                "targets": [{"refId": "A", "target": metric, "payload": payload},
+                            {"refId": "B", "target": other, "payload": payload}], "filters": filters}
         r = http.post("/query", json=body)
         ctx = f"[{metric} {window} {mode} thr={thr_text} filters={filters} group_by={group_by} int={interval}]"
         assert r.status_code == 200, (ctx, r.get_json())
@@ -192,7 +195,9 @@ def test_random_queries_match_sklearn(http, task, metrics, n_queries):
             if group_by:
                 value = item["target"].split(f"{group_by}=", 1)[1]
                 mask = base & np.array([s.get(group_by, "(none)") == value for s in truth.segments])
-            _check_series(item, truth, mask, metric, window, mode, thr, params, task, step_ms, failures, ctx)
+            name = metric if item["refId"] == "A" else other
+            _check_series(item, truth, mask, name, window, mode, thr, params, task, step_ms, failures,
+                          f"{ctx} {item['refId']}={name}")
             points_checked += len(item["datapoints"])
     assert not failures, f"{len(failures)} of {points_checked} points differ:\n" + "\n".join(failures[:20])
     assert points_checked > 5000
