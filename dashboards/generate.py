@@ -167,11 +167,11 @@ def table(title, description, grid, targets, *, unit="none", steps=NEUTRAL,
                   custom=custom, overrides=overrides, options=options)
 
 
-def barchart(title, description, grid, targets, *, keep: list[str], unit="percentunit",
-             minmax=(0, 1), steps=NEUTRAL) -> dict:
-    """A bar chart of table columns ``keep`` against the ``bin`` column."""
-    exclude = {c: True for c in ("lower", "upper", "mean score", "observed rate", "count")
-               if c not in keep}
+def barchart(title, description, grid, targets, *, keep: list[str], columns: tuple[str, ...],
+             unit="percentunit", minmax=(0, 1), steps=NEUTRAL) -> dict:
+    """A bar chart of table columns ``keep`` against the ``bin`` column; ``columns`` are all the
+    columns the table target answers (the others are hidden)."""
+    exclude = {c: True for c in columns if c not in keep}
     options = {"xField": "bin", "orientation": "vertical", "showValue": "never",
                "groupWidth": 0.8, "barWidth": 0.9, "stacking": "none", "xTickLabelRotation": 0,
                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True,
@@ -355,7 +355,8 @@ def model_quality() -> dict:
         barchart("Calibration (selected range)", "Per score bin: the mean score against the "
                  "share of labels that are 1. A calibrated model has equal bars.",
                  (8, 29, 10, 8), [code_target("A", "calibration", model="$model")],
-                 keep=["mean score", "observed rate"]),
+                 keep=["mean score", "observed rate"],
+                 columns=("bin", "lower", "upper", "mean score", "observed rate", "count")),
         table("Calibration table", "Score bins over the selected range: bounds, mean score, "
               "observed positive rate and count.", (18, 29, 6, 8),
               [code_target("A", "calibration", model="$model")],
@@ -522,7 +523,87 @@ whatever the number of predictions.
 
 # ----------------------------------------------------------------------- output
 
-DASHBOARDS = {"model-quality.json": model_quality, "prometheus-replaced.json": prometheus_replaced}
+# ----------------------------------------------------------------------- Outputs and drift
+
+DRIFT_UID = "mlsli-outputs-and-drift"
+PSI_STEPS = [("green", None), ("orange", 0.1), ("red", 0.25)]  # the usual PSI reading
+KS_STEPS = [("green", None), ("orange", 0.1), ("red", 0.2)]
+
+
+def outputs_and_drift() -> dict:
+    window = {"model": "$model", "window": "$window", "mode": "$mode"}
+    variables = [
+        datasource_variable(),
+        query_variable("model", "Model", "models", DEFAULT_MODEL,
+                       "The model whose outputs and inputs are shown"),
+        query_variable("feature", "Feature", "features $model", "congestion_surcharge",
+                       "The input whose distribution and drift are shown"),
+        query_variable("window", "Window", "windows", "1d",
+                       "Each point covers the predictions of this window ending at the point"),
+        query_variable("mode", "Mode", "modes", "tumbling",
+                       "sliding: a window ends at every point; tumbling: windows do not overlap"),
+        custom_variable("reference", "Reference", ("training",), "training",
+                        "What drift compares with: the training data the loader recorded, or "
+                        "type a time range such as 2020-02-01T00:00:00Z/2020-03-01T00:00:00Z"),
+        adhoc_variable(),
+    ]
+    panels = [
+        heatmap("Score distribution over time",
+                "Counts of predictions per score bin and window; the bins are chosen from the "
+                "scores of the selected range, no buckets fixed up front.", (0, 0, 12, 9),
+                [code_target("A", "histogram", column="score", bins=str(HEATMAP_BINS), **window)]),
+        timeseries("Median and p90 score",
+                   "Exact quantiles of the model's output per window (not interpolated in "
+                   "buckets, unlike PromQL's histogram_quantile).", (12, 0, 12, 9),
+                   [code_target("A", "quantile", column="score", quantile="0.5", **window),
+                    code_target("B", "quantile", column="score", quantile="0.9", **window)],
+                   unit="none", steps=NEUTRAL, minmax=(0, 1),
+                   overrides=display_names({"A": "median score", "B": "p90 score"})),
+        timeseries("$feature: median, p10 and p90",
+                   "The chosen feature per window; compare with its training distribution in "
+                   "the drift panels on the right.", (0, 9, 12, 8),
+                   [code_target("A", "quantile", column="$feature", quantile="0.5", **window),
+                    code_target("B", "quantile", column="$feature", quantile="0.1", **window),
+                    code_target("C", "quantile", column="$feature", quantile="0.9", **window)],
+                   unit="none", steps=NEUTRAL,
+                   overrides=display_names({"A": "median", "B": "p10", "C": "p90"})),
+        timeseries("$feature: PSI against the reference",
+                   "Population stability index of each window against the reference's deciles: "
+                   "below 0.1 stable, 0.1-0.25 moving, above 0.25 shifted.", (12, 9, 12, 8),
+                   [code_target("A", "psi", column="$feature", reference="$reference", **window)],
+                   unit="none", steps=PSI_STEPS),
+        timeseries("$feature: Kolmogorov-Smirnov against the reference",
+                   "Two-sample KS statistic (largest gap between the two CDFs) and its p-value.",
+                   (0, 17, 12, 8),
+                   [code_target("A", "ks_statistic", column="$feature", reference="$reference",
+                                **window),
+                    code_target("B", "ks_pvalue", column="$feature", reference="$reference",
+                                **window)],
+                   unit="none", steps=KS_STEPS,
+                   overrides=display_names({"A": "KS statistic", "B": "KS p-value"})),
+        table("Which input moved: drift ranking for the selected range",
+              "Every feature, the score and each segment against the reference, ranked by PSI "
+              "(segments: chi-squared test and PSI over categories).", (12, 17, 12, 8),
+              [code_target("A", "drift_ranking", model="$model", reference="$reference")]),
+        timeseries("$feature: missing rate",
+                   "Share of predictions sent without this feature.", (0, 25, 12, 6),
+                   [code_target("A", "missing_rate", column="$feature", **window)],
+                   unit="percentunit", steps=NEUTRAL, minmax=(0, 1)),
+        barchart("$feature: histogram of the selected range",
+                 "Counts per bin over the whole range (Freedman-Diaconis bins).", (12, 25, 12, 6),
+                 [code_target("A", "histogram", model="$model", column="$feature",
+                              format="table")], keep=["bin", "count"],
+                 columns=("bin", "lower", "upper", "count"), unit="short", minmax=(0, None),
+                 steps=NEUTRAL),
+    ]
+    return dashboard(DRIFT_UID, "Outputs and drift",
+                     "Distributions of the model's output and inputs over any window, and their "
+                     "drift against the training data, with no buckets fixed up front.",
+                     variables, panels)
+
+
+DASHBOARDS = {"model-quality.json": model_quality, "prometheus-replaced.json": prometheus_replaced,
+              "outputs-and-drift.json": outputs_and_drift}
 
 
 def render(board: dict) -> str:

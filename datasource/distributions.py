@@ -66,6 +66,26 @@ def _proportions(values: np.ndarray, inner: np.ndarray) -> np.ndarray:
     return counts / counts.sum()
 
 
+def _binned_proportions(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Window and reference proportions over the PSI bins.
+
+    A reference with at most PSI_BINS distinct values (a flag, a surcharge, an
+    hour) gets one bin per value seen in either sample, since its deciles would
+    collapse into one or two bins and hide the shift; otherwise the bins are the
+    reference's deciles.
+    """
+    distinct = np.unique(reference)
+    if len(distinct) <= PSI_BINS:
+        values_seen = np.union1d(distinct, np.unique(values))
+        cur = np.searchsorted(values_seen, values)
+        ref = np.searchsorted(values_seen, reference)
+        n = len(values_seen)
+        return (np.bincount(cur, minlength=n) / len(values),
+                np.bincount(ref, minlength=n) / len(reference))
+    inner = psi_inner_edges(reference)
+    return _proportions(values, inner), _proportions(reference, inner)
+
+
 def psi_from_proportions(cur: np.ndarray, ref: np.ndarray) -> float:
     cur = np.where(cur > 0, cur, PSI_EPS)
     ref = np.where(ref > 0, ref, PSI_EPS)
@@ -83,8 +103,7 @@ def numeric_drift(stat: str, values: np.ndarray, reference: np.ndarray) -> float
         return float(res.statistic if stat == "ks_statistic" else res.pvalue)
     if stat == "wasserstein":
         return float(stats.wasserstein_distance(values, reference))
-    inner = psi_inner_edges(reference)
-    cur, ref = _proportions(values, inner), _proportions(reference, inner)
+    cur, ref = _binned_proportions(values, reference)
     if stat == "psi":
         return psi_from_proportions(cur, ref)
     if stat == "js_distance":

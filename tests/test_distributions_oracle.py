@@ -63,6 +63,12 @@ def _column(preds, name):
 
 
 def _psi(cur, ref, eps=1e-4):
+    """Window and reference proportions: per value when the reference has at most 10 distinct
+    values, else per reference decile bin (q_k-1, q_k]."""
+    if len(set(ref.tolist())) <= 10:
+        values = sorted(set(ref.tolist()) | set(cur.tolist()))
+        return (np.array([np.sum(cur == v) for v in values], float) / len(cur),
+                np.array([np.sum(ref == v) for v in values], float) / len(ref))
     inner = np.unique(np.percentile(ref, [10, 20, 30, 40, 50, 60, 70, 80, 90]))
     bounds = [-np.inf, *inner, np.inf]
 

@@ -1,4 +1,4 @@
-"""The backfill's accuracy per month equals the store's own `accuracy`, read through /query.
+"""The replay seen through the store: accuracy per month as the backfill summary says, drift from mid-March.
 
 The summary scores every replayed trip; the store only sees the trips whose
 feedback arrived (3% never does), so the two agree within that noise. Both
@@ -26,6 +26,7 @@ def _month(m: int) -> pd.DataFrame:
 def test_store_accuracy_per_month_matches_the_backfill_summary(http, client):
     trained = pipeline.train(_month(1), "2020-01-01", "2020-02-01")
     replay.ensure_registered(client, trained, MODEL)
+    replay.record_training(client, trained, MODEL, replay.reference_columns(_month(1), trained))
     months = [replay.MonthInput(2020, m, partial(_month, m)) for m in range(1, 6)]
     summary = replay.backfill(client, trained, months, start=replay.parse_time("2020-01-01"),
                               until=replay.parse_time("2020-06-01"), model_name=MODEL,
@@ -48,3 +49,27 @@ def test_store_accuracy_per_month_matches_the_backfill_summary(http, client):
         if month in BANDS:
             lo, hi = BANDS[month]
             assert lo <= store_acc <= hi, (month, store_acc)
+
+    _drift_starts_mid_march(http)
+
+
+def _drift_starts_mid_march(http):
+    """What the "Outputs and drift" dashboard shows: weekly PSI against the training data of the
+    inputs the lockdown moved stays low until early March and is high from the second half."""
+    weeks = {"2020-02-16": "before", "2020-03-08": "before", "2020-03-22": "turning",
+             "2020-04-05": "after", "2020-05-03": "after"}
+    for feature in ("congestion_surcharge", "trip_distance", "pickup_hour"):
+        psi = {}
+        for day in weeks:
+            t = pd.Timestamp(day, tz="UTC").isoformat()
+            body = {"range": {"from": t, "to": t}, "intervalMs": 86_400_000, "maxDataPoints": 5,
+                    "targets": [{"refId": "A", "target": "psi", "payload": {
+                        "model": MODEL, "column": feature, "window": "7d", "reference": "training"}}]}
+            r = http.post("/query", json=body)
+            assert r.status_code == 200, r.get_json()
+            psi[day] = r.get_json()[0]["datapoints"][-1][0]
+        print(feature, {d: round(v, 3) for d, v in psi.items()})
+        before = max(v for d, v in psi.items() if weeks[d] == "before")
+        after = min(v for d, v in psi.items() if weeks[d] == "after")
+        assert before < 0.02 and after > 0.1, (feature, psi)
+        assert psi["2020-03-22"] > 5 * before, (feature, psi)  # the week of March 15-22
