@@ -115,21 +115,40 @@ def _use_rollup(q: Query, g: int) -> bool:
     return g % ROLLUP_BUCKET_S == 0 and same_threshold
 
 
+@dataclass
+class RequestMemo:
+    """What the targets of one request share: partials read once, with the union of the
+    columns their metrics need (a dashboard's accuracy, precision, recall… panels)."""
+
+    columns: tuple[str, ...] = ()
+    reads: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_metrics(cls, metrics) -> RequestMemo:
+        cols = {c for m in metrics if m.kind == "partial" for c in m.needs}
+        return cls(tuple(sorted(cols)))
+
+
+def _columns(q: Query, memo: RequestMemo | None) -> tuple[str, ...]:
+    cols = set(memo.columns if memo and memo.columns else q.metric.needs)
+    return tuple(sorted(cols | {"n_pred"}))  # n_pred ranks groups by volume
+
+
 def _partials(conn, q: Query, *, g: int, lo: int | None, hi: int, from_rollup: bool,
-              memo: dict | None = None) -> pd.DataFrame:
-    """Partials per g-bucket; ``memo`` shares one read among the targets of a request
-    (a dashboard's accuracy, precision, recall… panels all sum the same partials)."""
+              memo: RequestMemo | None = None) -> pd.DataFrame:
+    """Partials per g-bucket, only the columns needed, read once per request."""
     threshold = q.threshold if q.model.is_classifier else None
     by_segset = q.group_by is not None
+    columns = _columns(q, memo)
     key = (q.model.model_id, g, lo, hi, q.segset_ids, by_segset,
-           None if from_rollup else threshold, from_rollup)  # rollup: the model's threshold
-    if memo is not None and key in memo:
-        return memo[key]
+           None if from_rollup else threshold, from_rollup, columns)  # rollup: model's threshold
+    if memo is not None and key in memo.reads:
+        return memo.reads[key]
     df = store.partials_by_bucket(
         conn, q.model, g_s=g, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids, by_segset=by_segset,
-        threshold=threshold, from_rollup=from_rollup)
+        threshold=threshold, from_rollup=from_rollup, columns=columns)
     if memo is not None:
-        memo[key] = df
+        memo.reads[key] = df
     return df
 
 
@@ -142,13 +161,13 @@ def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
     df = df.assign(group=df["segset_id"].map(groups).fillna(NONE_VALUE))
     mapping = _top_groups(df.groupby("group")["n_pred"].sum())
     df["group"] = df["group"].map(mapping)
-    cols = ["bucket_end", *PARTIALS]
+    cols = ["bucket_end", *(c for c in PARTIALS if c in df.columns)]
     return {g: part[cols].groupby("bucket_end", as_index=False).sum()
             for g, part in df.groupby("group", sort=True)}
 
 
 def partial_series(conn, q: Query, points: np.ndarray, step: int,
-                   memo: dict | None = None) -> list[Series]:
+                   memo: RequestMemo | None = None) -> list[Series]:
     g = windows.bucket_width(q.window, step, q.mode)
     span = windows.span_of(q.window, step, q.mode)
     start = int(points[0]) - (span if span is not None else step)
@@ -158,27 +177,28 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int,
                          f"{g}s; choose a window that is a multiple of the step")
     from_rollup = _use_rollup(q, g)
     df = _partials(conn, q, g=g, lo=start, hi=int(points[-1]), from_rollup=from_rollup, memo=memo)
+    cols = _columns(q, memo)
     prefix_groups = {}
     if span is None:
         prefix = _partials(conn, q, g=_TOTAL_G, lo=None, hi=start,
                            from_rollup=from_rollup and start % ROLLUP_BUCKET_S == 0, memo=memo)
-        prefix_groups = {k: v[list(PARTIALS)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
+        prefix_groups = {k: v[list(cols)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
     out = []
     names = sorted(set(_grouped(df, q)) | set(prefix_groups)) if q.group_by else [""]
     by_group = _grouped(df, q)
     pidx = (points - start) // g
     for name in names:
         part = by_group.get(name)
-        dense = np.zeros((n_buckets + 1, len(PARTIALS)))
+        dense = np.zeros((n_buckets + 1, len(cols)))
         if part is not None and not part.empty:
             idx = ((part["bucket_end"].to_numpy(np.int64) - start) // g)
-            np.add.at(dense, idx, part[list(PARTIALS)].to_numpy(np.float64))
+            np.add.at(dense, idx, part[list(cols)].to_numpy(np.float64))
         csum = np.cumsum(dense, axis=0)  # csum[k]: buckets 1..k (bucket 0 is empty by construction)
         if span is None:
-            win = csum[pidx] + prefix_groups.get(name, np.zeros(len(PARTIALS)))
+            win = csum[pidx] + prefix_groups.get(name, np.zeros(len(cols)))
         else:
             win = csum[pidx] - csum[pidx - span // g]
-        sums = {c: win[:, j] for j, c in enumerate(PARTIALS)}
+        sums = {c: win[:, j] for j, c in enumerate(cols)}
         values = np.asarray(q.metric.finalize(sums), dtype=np.float64)
         out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
     return out
@@ -225,7 +245,8 @@ def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> n
     lo = None if span is None else (int(points[0]) - span) // m * m
     hi = -(-int(points[-1]) // m) * m
     df = store.partials_by_bucket(conn, q.model, g_s=m, lo_s=lo, hi_s=hi, segset_ids=None,
-                                  by_segset=False, threshold=q.model.threshold, from_rollup=True)
+                                  by_segset=False, threshold=q.model.threshold, from_rollup=True,
+                                  columns=("n_pred",))
     if df.empty:
         return np.zeros(len(points), dtype=np.int64)
     ends = df["bucket_end"].to_numpy(np.int64)
@@ -420,7 +441,7 @@ def drift_table(conn, q: Query, from_s: float, to_s: float, columns_refs: list) 
 
 
 def series(conn, q: Query, points: np.ndarray, step: int,
-           deadline: float | None = None, memo: dict | None = None) -> list[Series]:
+           deadline: float | None = None, memo: RequestMemo | None = None) -> list[Series]:
     """One series (or one per group) of the metric at each point.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the Python side of raw
@@ -448,9 +469,12 @@ def confusion_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, l
     aligned = from_s % ROLLUP_BUCKET_S == 0 and to_s % ROLLUP_BUCKET_S == 0
     ungrouped = Query(q.model, q.metric, q.window, q.mode, q.threshold, q.segset_ids, None,
                       q.segsets, q.params)
-    df = _partials(conn, ungrouped, g=_TOTAL_G, lo=int(from_s) if aligned else from_s, hi=int(to_s) if aligned else to_s,
-        from_rollup=aligned and _use_rollup(q, ROLLUP_BUCKET_S))
-    tot = df[list(PARTIALS)].sum() if not df.empty else pd.Series(0.0, index=list(PARTIALS))
+    needed = RequestMemo(("fp", "n_lab", "sum_label", "tp"))
+    df = _partials(conn, ungrouped, g=_TOTAL_G, lo=int(from_s) if aligned else from_s,
+                   hi=int(to_s) if aligned else to_s,
+                   from_rollup=aligned and _use_rollup(q, ROLLUP_BUCKET_S), memo=needed)
+    cols = list(_columns(q, needed))
+    tot = df[cols].sum() if not df.empty else pd.Series(0.0, index=cols)
     tp, fp = int(tot["tp"]), int(tot["fp"])
     pos, n = int(tot["sum_label"]), int(tot["n_lab"])
     fn, tn = pos - tp, n - pos - fp

@@ -368,7 +368,7 @@ def query():
     out = []
     budget_s = current_app.extensions["settings"].statement_timeout_ms / 1000.0
     deadline = time.monotonic() + budget_s if budget_s > 0 else None
-    memo: dict = {}  # partials read once for all targets of this request
+    memo = engine.RequestMemo.for_metrics(_target_metrics(targets, scoped))
     with _pool().connection() as conn:
         for t in targets:
             if not isinstance(t, dict) or t.get("hide") is True:
@@ -378,8 +378,19 @@ def query():
     return jsonify(out)
 
 
+def _target_metrics(targets: list, scoped: dict) -> list:
+    """The known metrics among the visible targets (unknown ones fail later, with a message)."""
+    found = []
+    for t in targets:
+        if isinstance(t, dict) and t.get("hide") is not True:
+            name = resolve_value(t.get("target") or "", scoped)
+            if isinstance(name, str) and name in metric_registry.REGISTRY:
+                found.append(metric_registry.REGISTRY[name])
+    return found
+
+
 def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, points,
-                   deadline: float | None, memo: dict) -> list:
+                   deadline: float | None, memo: engine.RequestMemo) -> list:
     ref = t.get("refId", "A")
     name = resolve_value(t.get("target") or "", scoped)
     name = _single(name, "target") if isinstance(name, list) else name

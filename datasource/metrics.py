@@ -15,6 +15,7 @@ Undefined values (0/0, one class only) are ``nan`` here and gaps in Grafana.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -46,6 +47,27 @@ class Metric:
     labeled_only: bool = True
     payloads: tuple = field(default_factory=tuple)  # extra payload field names
     source: str = "builtin"
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The partials a partial metric's finalizer reads (found by running it once)."""
+        if self.finalize is None:
+            return ()
+        return _needs(self.finalize)
+
+
+@functools.cache
+def _needs(finalize) -> tuple[str, ...]:
+    seen: set[str] = set()
+
+    class Probe(dict):
+        def __missing__(self, key):
+            seen.add(key)
+            return np.ones(1)
+
+    with np.errstate(all="ignore"):
+        finalize(Probe())
+    return tuple(sorted(seen))
 
 
 def _div(num, den):
