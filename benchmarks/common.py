@@ -388,11 +388,16 @@ class OtherLoad:
         self._ours_total = 0
         self._last: dict[int, int] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the sampler thread and now() both sample
         self._thread: threading.Thread | None = None
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.enabled = Path("/proc/stat").exists()
 
-    def _sample(self) -> None:
+    def _sample(self) -> float:
+        with self._lock:
+            return self._sample_locked()
+
+    def _sample_locked(self) -> float:
         procs = _proc_table()
         roots = {os.getpid()} | ({pm} if (pm := _postmaster_pid()) else set())
         children: dict[int, list[int]] = {}
@@ -410,7 +415,9 @@ class OtherLoad:
             if not first:
                 self._ours_total += ticks - self._last.get(pid, 0)
         self._last = now
-        self.samples.append((time.monotonic(), _busy_ticks(), self._ours_total))
+        stamp = time.monotonic()
+        self.samples.append((stamp, _busy_ticks(), self._ours_total))
+        return stamp
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -430,9 +437,10 @@ class OtherLoad:
             self._thread.join(timeout=5)
 
     def now(self) -> float:
+        """Take a sample now and return its time, a mark for ``cores``."""
         if self.enabled:
             with contextlib.suppress(Exception):
-                self._sample()
+                return self._sample()
         return time.monotonic()
 
     def cores(self, t0: float, t1: float) -> float:

@@ -206,8 +206,8 @@ class Essay:
 
     def fetch(self, *, lo_s: float | None, hi_s: float, left: bool = False,
               seg_key: str | None = None, seg_value: str | None = None,
-              group_key: str | None = None) -> dict[str, np.ndarray]:
-        """Joined rows with ts in (lo, hi] ordered by ts (ts, score, label[, group])."""
+              group_key: str | None = None, ordered: bool = True) -> dict[str, np.ndarray]:
+        """Joined rows with ts in (lo, hi] (ordered by ts for panels): ts, score, label[, group]."""
         cols = "extract(epoch FROM p.ts)::float8, p.score, f.label"
         where = "AND p.ts <= to_timestamp(%(hi)s)"
         if lo_s is not None:
@@ -220,14 +220,17 @@ class Essay:
         if group_key:
             cols += ", s.segments ->> %(gk)s"
         sql = self.JOIN.format(cols=cols, kind="LEFT" if left else "", seg=seg, where=where)
+        if ordered:
+            sql += " ORDER BY p.ts"
         with self.conn.cursor() as cur:
-            cur.execute(sql + " ORDER BY p.ts", {"m": self.model.model_id, "lo": lo_s, "hi": hi_s,
-                                                 "sk": seg_key, "sv": seg_value, "gk": group_key})
+            cur.execute(sql, {"m": self.model.model_id, "lo": lo_s, "hi": hi_s,
+                              "sk": seg_key, "sv": seg_value, "gk": group_key})
             rows = cur.fetchall()
-        out = {"ts": np.array([r[0] for r in rows], dtype=np.float64),
-               "score": np.array([r[1] for r in rows], dtype=np.float64),
-               "label": np.array([np.nan if r[2] is None else r[2] for r in rows],
-                                 dtype=np.float64)}
+        if group_key:
+            nums = np.array([r[:3] for r in rows], dtype=np.float64).reshape(-1, 3)
+        else:  # one pass in C; None (no feedback) becomes NaN
+            nums = np.array(rows, dtype=np.float64).reshape(-1, 3)
+        out = {"ts": nums[:, 0].copy(), "score": nums[:, 1].copy(), "label": nums[:, 2].copy()}
         if group_key:
             out["group"] = np.array([r[3] for r in rows], dtype=object)
         return out
@@ -350,7 +353,7 @@ def _single_value(fetch_kw: dict, thr: float, name: str = "") -> Callable[[Essay
     """The essay's cumulative accuracy: one join, one accuracy_score (per group if grouped)."""
     def run(e: Essay) -> Baseline:
         t0 = time.perf_counter()
-        rows = e.fetch(lo_s=None, hi_s=NOW_MS / 1000, **fetch_kw)
+        rows = e.fetch(lo_s=None, hi_s=NOW_MS / 1000, ordered=False, **fetch_kw)
         fn = sk_accuracy(thr)
         if "group" in rows:
             values = {}
@@ -403,7 +406,7 @@ def build_cases(args) -> list[Case]:
         Case("a", "(a) cumulative accuracy, 30-day panel",
              grafana_body([target("accuracy", **cum)], **panel),
              _single_value({}, 0.5, "accuracy"), points=len(p30)),
-        Case("a1", "(a) cumulative accuracy, stat panel (current value)",
+        Case("a_stat", "(a) cumulative accuracy, stat panel (current value)",
              grafana_body([target("accuracy", **cum)], **stat), baseline_key="a"),
         Case("b", "(b) 1h-sliding accuracy, 7-day panel, 5 m step",
              grafana_body([target("accuracy")], **week),
@@ -649,6 +652,12 @@ def profile_cases(url: str, cases: list[Case], reps: int, top: int) -> list[list
     return rows
 
 
+def _ratio(x: float) -> str:
+    if x != x:
+        return "–"
+    return f"{x:.1f}x" if x < 10 else f"{x:,.0f}x"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--predictions", type=int, default=1_000_000)
@@ -719,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([c.title, f"{r['series']} x {'/'.join(map(str, r['datapoints']))}",
                      common.fmt_ms(r["p50"]), common.fmt_ms(r["p95"]),
                      common.fmt_ms(b.get("base_p50", float("nan"))),
-                     f"{ratio:,.0f}x" if ratio == ratio else "–",
+                     _ratio(ratio),
                      b.get("base_note", ""), check(c, base),
                      f"{common.fmt_cores(r['others'])} / "
                      f"{common.fmt_cores(b.get('base_others', float('nan')))}"])

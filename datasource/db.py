@@ -94,9 +94,11 @@ def _session_options(statement_timeout_ms: int) -> str:
 
     JIT compilation costs tens of milliseconds per query, more than the
     rollup scans it would speed up (measured: cumulative accuracy over 30 days
-    spent most of its 54 ms of SQL compiling).
+    spent most of its 54 ms of SQL compiling). work_mem: the default 4MB made the
+    30-day rollup aggregate and the raw joins sort on disk (49 -> 30 ms measured).
     """
-    return f"-c statement_timeout={int(statement_timeout_ms)} -c timezone=UTC -c jit=off"
+    return (f"-c statement_timeout={int(statement_timeout_ms)} -c timezone=UTC -c jit=off"
+            " -c work_mem=64MB")
 
 
 def connect(url: str, statement_timeout_ms: int = 10_000):

@@ -244,9 +244,7 @@ def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> n
     m = ROLLUP_BUCKET_S
     lo = None if span is None else (int(points[0]) - span) // m * m
     hi = -(-int(points[-1]) // m) * m
-    df = store.partials_by_bucket(conn, q.model, g_s=m, lo_s=lo, hi_s=hi, segset_ids=None,
-                                  by_segset=False, threshold=q.model.threshold, from_rollup=True,
-                                  columns=("n_pred",))
+    df = store.bucket_revisions(conn, q.model, lo_s=lo, hi_s=hi)
     if df.empty:
         return np.zeros(len(points), dtype=np.int64)
     ends = df["bucket_end"].to_numpy(np.int64)

@@ -88,18 +88,22 @@ def parse_time(value: object, field: str) -> float:
 
 
 def choose_step(from_s: float, to_s: float, interval_ms: object, max_points: object) -> int:
-    """The step in whole seconds: Grafana's interval, widened so that at most maxDataPoints fit."""
+    """The step in whole seconds: Grafana's interval rounded up to a nice step, widened so that at
+    most maxDataPoints fit."""
     if to_s < from_s:
         raise WindowError("range.from is after range.to")
     try:
         step = max(1, math.ceil(float(interval_ms) / 1000.0)) if interval_ms else 60
     except (TypeError, ValueError):
         raise WindowError("intervalMs must be a number") from None
+    # Snap to a nice step: windows (5m, 1h, 1d…) are then whole numbers of buckets of
+    # gcd(window, step), instead of millions of 1-second buckets for a step such as 13133 s.
+    step = next((n for n in NICE_STEPS_S if n >= step), math.ceil(step / 86400) * 86400)
     span = to_s - from_s
     if max_points in (None, ""):
-        if span / step + 1 > MAX_POINTS_WITHOUT_LIMIT:
+        if n_points(from_s, to_s, step) > MAX_POINTS_WITHOUT_LIMIT:
             raise WindowError(
-                f"{int(span / step) + 1} points at a {step}s step exceed "
+                f"{n_points(from_s, to_s, step)} points at a {step}s step exceed "
                 f"{MAX_POINTS_WITHOUT_LIMIT}; widen intervalMs or send maxDataPoints")
         return step
     try:
@@ -108,13 +112,21 @@ def choose_step(from_s: float, to_s: float, interval_ms: object, max_points: obj
         raise WindowError("maxDataPoints must be a whole number") from None
     if limit < 1:
         raise WindowError("maxDataPoints must be at least 1")
-    if span / step + 1 <= limit:
+    if n_points(from_s, to_s, step) <= limit:
         return step
     needed = span / max(limit - 1, 1)
     for nice in NICE_STEPS_S:
-        if nice >= needed:
+        if nice >= needed and n_points(from_s, to_s, nice) <= limit:
             return nice
-    return int(math.ceil(needed / 86400.0)) * 86400
+    days = max(1, math.ceil(needed / 86400.0))
+    while n_points(from_s, to_s, days * 86400) > limit:
+        days += 1
+    return days * 86400
+
+
+def n_points(from_s: float, to_s: float, step: int) -> int:
+    """How many multiples of ``step`` lie in [from, to]."""
+    return max(0, math.floor(to_s / step) - math.ceil(from_s / step) + 1)
 
 
 def grid_points(from_s: float, to_s: float, step: int) -> np.ndarray:
