@@ -290,6 +290,11 @@ def sk_accuracy(thr: float) -> Callable:
     return fn
 
 
+def np_median_score(w: dict) -> float:
+    """The median of every prediction's score in the window (labeled or not)."""
+    return float(np.median(w["score"])) if len(w["score"]) else np.nan
+
+
 def sk_roc_auc(w: dict) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -416,6 +421,13 @@ def build_cases(args) -> list[Case]:
              _panel({}, {"roc_auc": sk_roc_auc}, p7, HOUR_S), cold=True, points=len(p7)),
         Case("c_warm", "(c) 1h-sliding roc_auc, 7 days, 5 m step: warm (cached)",
              grafana_body([target("roc_auc")], **week), baseline_key="c_cold", points=len(p7)),
+        Case("f_cold", "(f) 1h-sliding median score, 7 days, 5 m step: cold",
+             grafana_body([target("quantile", column="score", quantile="0.5")], **week),
+             _panel({"left": True}, {"quantile": np_median_score}, p7, HOUR_S), cold=True,
+             points=len(p7)),
+        Case("f_warm", "(f) 1h-sliding median score, 7 days, 5 m step: warm (cached)",
+             grafana_body([target("quantile", column="score", quantile="0.5")], **week),
+             baseline_key="f_cold", points=len(p7)),
         Case("d", "(d) 8-metric dashboard refresh, 7 days, 1h sliding",
              grafana_body([target(m, chr(ord("A") + i)) for i, m in enumerate(DASHBOARD_METRICS)],
                           **week),

@@ -330,20 +330,53 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
 
 
 def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
-    """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact."""
+    """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact.
+
+    A label changes only its prediction's label-dependent partials, so the old and the new
+    contribution are read in one pass before the upsert: each staged key joins its
+    prediction once, with its stored label (sign -1, none if absent) and its new one (+1).
+    """
     if not rows.ids:
         return 0
     last = {oid: i for i, oid in enumerate(rows.ids)}
     with conn.cursor() as cur:
-        _staged_upsert(
-            cur, model, "output_id text, ts timestamptz, label double precision",
-            ((oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()),
+        revision = _begin_write(cur, model)
+        cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, label double precision)"
+                    " ON COMMIT DROP")
+        _copy_rows(cur, "stage", "output_id, ts, label",
+                   ((oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()))
+        cur.execute("ANALYZE stage")
+        cur.execute(
+            f"""
+            INSERT INTO rollup_delta (segset_id, bucket_end, {_COLS})
+            SELECT segset_id, bucket_end, {", ".join(f"sum(sign * {c})" for c in PARTIALS)}
+            FROM (
+              SELECT f.sign, CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END
+                               AS segset_id,
+                     {_MINUTE_BUCKET} AS bucket_end, {_SELECT_PARTIALS}
+              FROM stage s
+              JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id
+              CROSS JOIN LATERAL (
+                SELECT -1 AS sign, old.label FROM (SELECT 1) AS one
+                LEFT JOIN feedback old ON old.model_id = %(m)s AND old.output_id = s.output_id
+                UNION ALL
+                SELECT 1, s.label
+              ) f
+              GROUP BY GROUPING SETS ((f.sign, {_MINUTE_BUCKET}, p.segset_id),
+                                      (f.sign, {_MINUTE_BUCKET}))
+            ) c
+            GROUP BY segset_id, bucket_end
+            """,
+            {"m": model.model_id, "thr": model.threshold, "eps": EPS})
+        cur.execute(
             """
             INSERT INTO feedback (model_id, output_id, ts, label)
             SELECT %(m)s, output_id, ts, label FROM stage
             ON CONFLICT (model_id, output_id) DO UPDATE SET
               ts = excluded.ts, label = excluded.label, written_at = now()
-            """)
+            """, {"m": model.model_id})
+        _merge_delta(cur, model, revision)
+        cur.execute("DROP TABLE stage")
     return len(last)
 
 
@@ -512,11 +545,11 @@ def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
     lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
     sql = f"""
-        SELECT extract(epoch FROM p.ts)::float8 AS ts_s, p.score, f.label,
+        SELECT date_part('epoch', p.ts) AS ts_s, p.score, f.label,
                extract(epoch FROM f.ts - p.ts)::float8 AS delay_s, p.segset_id
         {_JOIN}
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
-        ORDER BY p.ts, p.output_id
+        ORDER BY p.ts
     """
     return _copy_out(conn, sql, params, {"ts_s": np.float64, "score": np.float64,
                                          "label": np.float64, "delay_s": np.float64,
@@ -545,10 +578,10 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
     lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
     sql = f"""
-        SELECT extract(epoch FROM p.ts)::float8 AS ts_s, {value} AS value, p.segset_id
+        SELECT date_part('epoch', p.ts) AS ts_s, {value} AS value, p.segset_id
         FROM predictions p
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
-        ORDER BY p.ts, p.output_id
+        ORDER BY p.ts
     """
     return _copy_out(conn, sql, params, {"ts_s": np.float64, "value": np.float64,
                                          "segset_id": np.int64})

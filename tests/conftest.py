@@ -41,16 +41,19 @@ def database_url() -> str:
     return url
 
 
-_TABLES = "rollup, model_events, feedback, predictions, segment_sets, models"
+def empty_database(url: str) -> None:
+    """Remove every model and its rows (the tables without a foreign key are named)."""
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE rollup, model_events, feedback, predictions, segment_sets, models"
+                    " RESTART IDENTITY CASCADE")
+    conn.commit()
+    conn.close()
 
 
 @pytest.fixture
 def clean_db(database_url):
-    conn = psycopg2.connect(database_url)
-    with conn.cursor() as cur:
-        cur.execute(f"TRUNCATE {_TABLES} RESTART IDENTITY CASCADE")
-    conn.commit()
-    conn.close()
+    empty_database(database_url)
     return database_url
 
 

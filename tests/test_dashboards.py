@@ -25,14 +25,13 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg2
 import pytest
 import yaml
 
 from datasource import create_app
 from datasource import metrics as registry
 from tests import openapi
-from tests.conftest import _TABLES as TABLES
+from tests.conftest import empty_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
@@ -179,11 +178,7 @@ def run_loader(database_url: str, *args: str) -> None:
 @pytest.fixture(scope="module")
 def datasource(database_url):
     """A filled database and the app serving it, for the whole module."""
-    conn = psycopg2.connect(database_url)
-    with conn.cursor() as cur:
-        cur.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
-    conn.commit()
-    conn.close()
+    empty_database(database_url)
     # A short replay: train on January, backfill January-February, two days of March live.
     run_loader(database_url, "backfill", "--until", "2020-03-01", "--retrain", "--no-progress")
     run_loader(database_url, "live", "--start", "2020-03-01", "--until", "2020-03-03",

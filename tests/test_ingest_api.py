@@ -8,7 +8,7 @@ import pytest
 
 from datasource import store
 from datasource.records import BatchError
-from tests.conftest import with_settings
+from tests.conftest import empty_database, with_settings
 
 GOOD_P = {"id": "a", "ts": "2020-02-01T00:00:00Z", "score": 0.7, "segments": {"b": "x"}, "features": {"f": 1.5}}
 
@@ -168,8 +168,7 @@ def test_local_and_remote_client_paths_agree(clean_db, app):
     fb = [{"id": f"r{i}", "ts": 1580600000000, "label": i % 3 == 0} for i in range(0, 200, 3)]
     snapshots = []
     for name in ("local", "http"):
-        with app.extensions["pool"].connection() as conn, conn.cursor() as cur:
-            cur.execute("TRUNCATE rollup, model_events, feedback, predictions, segment_sets, models RESTART IDENTITY CASCADE")
+        empty_database(clean_db)
         if name == "local":
             c = Client.local(database_url=clean_db)
         else:
