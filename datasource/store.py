@@ -545,15 +545,14 @@ def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
     lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
     sql = f"""
-        SELECT date_part('epoch', p.ts) AS ts_s, p.score, f.label,
-               extract(epoch FROM f.ts - p.ts)::float8 AS delay_s, p.segset_id
+        SELECT date_part('epoch', p.ts) AS ts_s, p.score, coalesce(f.label, 'NaN') AS label,
+               coalesce(date_part('epoch', f.ts - p.ts), 'NaN') AS delay_s,
+               p.segset_id::int8
         {_JOIN}
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
         ORDER BY p.ts
     """
-    return _copy_out(conn, sql, params, {"ts_s": np.float64, "score": np.float64,
-                                         "label": np.float64, "delay_s": np.float64,
-                                         "segset_id": np.int64})
+    return _copy_out(conn, sql, params, ["ts_s", "score", "label", "delay_s", "segset_id"])
 
 
 # --------------------------------------------------------------------------- columns and references
@@ -574,27 +573,37 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
     """
     params = {"m": model.model_id, "lo": lo_s, "hi": hi_s, "f": feature,
               "segs": list(segset_ids) if segset_ids is not None else None}
-    value = "p.score" if feature is None else "(p.features ->> %(f)s)::float8"
+    value = "p.score" if feature is None else "coalesce((p.features ->> %(f)s)::float8, 'NaN')"
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
     lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
     sql = f"""
-        SELECT date_part('epoch', p.ts) AS ts_s, {value} AS value, p.segset_id
+        SELECT date_part('epoch', p.ts) AS ts_s, {value} AS value, p.segset_id::int8
         FROM predictions p
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
         ORDER BY p.ts
     """
-    return _copy_out(conn, sql, params, {"ts_s": np.float64, "value": np.float64,
-                                         "segset_id": np.int64})
+    return _copy_out(conn, sql, params, ["ts_s", "value", "segset_id"])
 
 
-def _copy_out(conn, sql: str, params: dict, dtypes: dict) -> pd.DataFrame:
-    """Run a parameterised SELECT through COPY and parse it with pandas (fast for many rows)."""
+def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
+    """Run a parameterised SELECT of non-null 8-byte columns (float8, the last may be int8)
+    through binary COPY and read it with numpy: every row has the same layout, so no
+    text is parsed (several times faster than tuples or CSV for a long panel's rows)."""
     with conn.cursor() as cur:
         query = cur.mogrify(sql, params).decode()
-        buf = io.StringIO()
-        cur.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv, HEADER true)", buf)
-    buf.seek(0)
-    return pd.read_csv(buf, dtype=dtypes)
+        buf = io.BytesIO()
+        cur.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT binary)", buf)
+    data = buf.getvalue()
+    header = 11 + 4 + 4 + int.from_bytes(data[15:19], "big")  # signature, flags, extension
+    fields = [("count", ">i2")]
+    for k, name in enumerate(names):
+        kind = ">i8" if name == "segset_id" else ">f8"
+        fields += [(f"len{k}", ">i4"), (name, kind)]
+    row = np.dtype(fields)
+    n = (len(data) - header - 2) // row.itemsize  # the file ends with a -1 trailer
+    rows = np.frombuffer(data, dtype=row, count=n, offset=header)
+    return pd.DataFrame({name: rows[name].astype(np.int64 if name == "segset_id" else np.float64)
+                         for name in names})
 
 
 def set_reference(conn, model: Model, reference: str, columns: dict[str, list]) -> int:
