@@ -127,6 +127,17 @@ def _ram_gib() -> float:
     return float("nan")
 
 
+def machine_of(server: str) -> dict:
+    """``machine()`` read over a short-lived connection to ``server``."""
+    from datasource import db
+
+    conn = db.connect(server)
+    try:
+        return machine(conn)
+    finally:
+        conn.close()
+
+
 def machine(conn) -> dict[str, str]:
     """What the numbers were measured on, including the PostgreSQL server and its settings."""
     with conn.cursor() as cur:

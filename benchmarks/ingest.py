@@ -180,11 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     QUIET_WAIT[0] = args.quiet_wait
     started = time.perf_counter()
     server = common.server_url()
-    conn = db.connect(server)
-    try:
-        info = common.machine(conn)
-    finally:
-        conn.close()
+    info = common.machine_of(server)
     data = common.synthesize(args.rows, args.seed)
     print(f"ingest benchmark: {common.describe_data(data)}; seed {args.seed}", flush=True)
 

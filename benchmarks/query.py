@@ -695,11 +695,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     pg_server = common.server_url()
-    conn = db.connect(pg_server)
-    try:
-        info = common.machine(conn)
-    finally:
-        conn.close()
+    info = common.machine_of(pg_server)
     data = common.synthesize(args.predictions, args.seed)
     print(f"query benchmark: {common.describe_data(data)}; seed {args.seed}", flush=True)
     url = ensure_data(pg_server, data, args.seed, args.refill)
