@@ -236,7 +236,6 @@ class _Cache:
 
 
 CACHE = _Cache()
-_stats = {"hits": 0, "misses": 0}
 
 
 def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> np.ndarray:
@@ -291,7 +290,6 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
                 still.append(i)
             else:
                 vals[i] = hit[1]
-        _stats["hits"] += len(todo) - len(still)
         todo = np.asarray(still, dtype=np.int64)
         if len(todo) == 0:
             return [Series("", points, vals)]
@@ -312,7 +310,6 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
             values[i] = np.nan if value is None else float(value)
             if q.group_by is None:
                 CACHE.put((*key_base, int(points[i])), int(revisions[i]), values[i])
-        _stats["misses"] += len(todo)
         out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
     return out
 

@@ -56,7 +56,6 @@ PARTIALS: dict[str, str] = {
     ),
 }
 COUNT_PARTIALS = ("n_pred", "n_pred_pos", "n_lab", "tp", "fp")
-THRESHOLD_PARTIALS = ("n_pred_pos", "tp", "fp")
 
 _SELECT_PARTIALS = ",\n       ".join(f"{expr} AS {name}" for name, expr in PARTIALS.items())
 _COLS = ", ".join(PARTIALS)
@@ -457,13 +456,6 @@ def latest_prediction_ts(conn, model: Model) -> datetime | None:
     with conn.cursor() as cur:
         cur.execute("SELECT max(ts) FROM predictions WHERE model_id = %(m)s", {"m": model.model_id})
         return cur.fetchone()[0]
-
-
-def time_extent(conn, model: Model) -> tuple[datetime | None, datetime | None]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT min(ts), max(ts) FROM predictions WHERE model_id = %(m)s",
-                    {"m": model.model_id})
-        return cur.fetchone()
 
 
 def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: int,

@@ -160,48 +160,41 @@ def test_events_and_model_detail(models, app):
 
 
 def test_local_and_remote_client_paths_agree(clean_db, app):
-    """The bulk (COPY) client and the HTTP path leave identical tables."""
+    """The bulk (COPY) client and Client.remote over real HTTP leave identical tables."""
+    import threading
+
+    from werkzeug.serving import make_server
+
     from datasource.client import Client
 
     recs = [{"id": f"r{i}", "ts": 1580515200000 + i * 7000, "score": (i % 10) / 10,
-             "segments": {"b": "xy"[i % 2]}} for i in range(200)]
+             "segments": {"b": "xy"[i % 2]}, "features": {"f": i / 7}} for i in range(200)]
     fb = [{"id": f"r{i}", "ts": 1580600000000, "label": i % 3 == 0} for i in range(0, 200, 3)]
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     snapshots = []
-    for name in ("local", "http"):
-        empty_database(clean_db)
-        if name == "local":
-            c = Client.local(database_url=clean_db)
-        else:
-            c = _TestClientTransport(app.test_client())
-        c.register_model("m")
-        c.write_predictions("m", recs)
-        c.write_feedback("m", fb)
-        with app.extensions["pool"].connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT output_id, ts, score, segset_id FROM predictions ORDER BY 1")
-            p = cur.fetchall()
-            cur.execute("SELECT output_id, ts, label FROM feedback ORDER BY 1")
-            f = cur.fetchall()
-            cur.execute(f"SELECT segset_id, bucket_end, {', '.join(store.PARTIALS)} FROM rollup ORDER BY 1, 2")
-            r = cur.fetchall()
-        snapshots.append((p, f, r))
-        if name == "local":
-            c.close()
+    try:
+        for c in (lambda: Client.local(database_url=clean_db),
+                  lambda: Client.remote(f"http://127.0.0.1:{server.server_port}")):
+            empty_database(clean_db)
+            with c() as client:
+                client.register_model("m")
+                assert client.write_predictions("m", recs) == 200
+                assert client.write_feedback("m", fb) == len(fb)
+                assert client.set_reference("m", {"f": [0.5, None, 2.0], "b": ["x", "y"]}) == 2
+                latest = client.latest_prediction_ts("m")
+                assert latest is not None and latest.timestamp() * 1000 == recs[-1]["ts"]
+            with app.extensions["pool"].connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT output_id, ts, score, segset_id, features FROM predictions ORDER BY 1")
+                p = cur.fetchall()
+                cur.execute("SELECT output_id, ts, label FROM feedback ORDER BY 1")
+                f = cur.fetchall()
+                cur.execute(f"SELECT segset_id, bucket_end, {', '.join(store.PARTIALS)} FROM rollup ORDER BY 1, 2")
+                r = cur.fetchall()
+                cur.execute("SELECT column_name, num_values::text, cat_values FROM reference_columns ORDER BY 1")
+                refs = cur.fetchall()
+            snapshots.append((p, f, r, refs))
+    finally:
+        server.shutdown()
     assert snapshots[0] == snapshots[1]
-
-
-class _TestClientTransport:
-    """Client.remote's wire format, sent through Flask's test client instead of a socket."""
-
-    def __init__(self, tc):
-        self.tc = tc
-
-    def register_model(self, name, **kw):
-        assert self.tc.post("/api/v1/models", json={"name": name, **kw}).status_code in (200, 201)
-
-    def write_predictions(self, model, recs):
-        r = self.tc.post("/api/v1/predictions", json={"model": model, "records": recs})
-        assert r.status_code == 200, r.get_json()
-
-    def write_feedback(self, model, recs):
-        r = self.tc.post("/api/v1/feedback", json={"model": model, "records": recs})
-        assert r.status_code == 200, r.get_json()
+    assert len(snapshots[0][0]) == 200 and len(snapshots[0][3]) == 2
