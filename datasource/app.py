@@ -42,10 +42,12 @@ def create_app(config: dict | None = None) -> Flask:
     from datasource import metrics
     from datasource.api import bp as api_bp
     from datasource.grafana import bp as grafana_bp
+    from datasource.series import bp as series_bp
 
     metrics.load_user_modules(settings.metrics_modules)
     app.register_blueprint(api_bp)
     app.register_blueprint(grafana_bp)
+    app.register_blueprint(series_bp)
     _register_errors(app)
     return app
 

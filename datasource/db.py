@@ -182,4 +182,7 @@ def migrate(conn) -> list[str]:
         finally:
             cur.execute("SELECT pg_advisory_unlock(715017)")
             conn.commit()
+    from datasource import store  # the rollup's columns are derived from the declared partials
+
+    store.sync_partials(conn)
     return applied_now

@@ -1,22 +1,20 @@
 """Grafana's JSON datasource protocol (plugin simpod-json-datasource 0.6.x).
 
 Routes parse what the plugin sends (code-mode and builder-mode payloads,
-regex-escaped or multi-value variables, ad hoc filters), call the engine and
-shape its answer; they hold no SQL and no metric logic.
+regex-escaped or multi-value variables, ad hoc filters) into neutral targets,
+hand them to the query service (``datasource.query``) and shape its answer in
+the plugin's JSON; they hold no SQL, no name resolution and no metric logic.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from dataclasses import replace
-from datetime import UTC, datetime
 
 import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 
-from datasource import engine, store, windows
+from datasource import engine, query, windows
 from datasource import metrics as metric_registry
 from datasource.records import BatchError
 
@@ -25,7 +23,6 @@ bp = Blueprint("grafana", __name__)
 ANNOTATION_TARGETS = ("annotations", "events")
 _REGEX_ESCAPED = re.compile(r"\\([\\^$*+?.()|\[\]{}/])")
 _VAR_REF = re.compile(r"^\$(\w+)$|^\$\{(\w+)(?::[\w:]+)?\}$|^\[\[(\w+)\]\]$")
-_FILTER_OPS = ("=", "!=", "=~", "!~")
 
 
 def _pool():
@@ -138,188 +135,6 @@ def _payload(target: dict, scoped: dict) -> dict:
     return {k: resolve_value(v, scoped, forms) for k, v in payload.items()}
 
 
-# ----------------------------------------------------------------------- query parsing
-
-
-def _models(conn, value) -> list[store.Model]:
-    names = value if isinstance(value, list) else [value]
-    names = [n for n in names if n not in (None, "")]
-    if not names:
-        all_models = store.list_models(conn)
-        if len(all_models) == 1:
-            return all_models
-        raise _bad("payload.model is required (POST /variable with 'models' lists them)", "payload.model")
-    out = []
-    for name in names:
-        model = store.get_model(conn, str(name))
-        if model is None:
-            raise _bad(f"unknown model {str(name)[:80]!r}", "payload.model")
-        out.append(model)
-    return out
-
-
-def _threshold(value, model: store.Model) -> float | None:
-    if not model.is_classifier:
-        return None
-    value = _single(value, "threshold")
-    if value in (None, "", "default"):
-        return model.threshold
-    try:
-        thr = float(value)
-    except (TypeError, ValueError):
-        raise _bad(f"threshold {str(value)[:40]!r} is not a number", "payload.threshold") from None
-    if not 0.0 <= thr <= 1.0:
-        raise _bad("threshold must be in [0, 1]", "payload.threshold")
-    return thr
-
-
-MAX_HISTOGRAM_BINS = 1000
-
-
-def _metric_params(metric: metric_registry.Metric, payload: dict) -> tuple:
-    params = {}
-    if "bins" in metric.payloads and payload.get("bins") not in (None, "", "auto"):
-        bins = _single(payload.get("bins"), "bins")
-        try:
-            bins = int(str(bins))
-        except ValueError:
-            raise _bad("bins must be a whole number (or empty for Freedman–Diaconis)", "payload.bins") from None
-        if not 1 <= bins <= MAX_HISTOGRAM_BINS:
-            raise _bad(f"bins must be between 1 and {MAX_HISTOGRAM_BINS}", "payload.bins")
-        params["bins"] = bins
-    if "format" in metric.payloads:
-        fmt = _single(payload.get("format"), "format") or "heatmap"
-        if fmt not in ("heatmap", "table"):
-            raise _bad("format must be heatmap or table", "payload.format")
-        params["format"] = fmt
-    if "reference" in metric.payloads:
-        params["reference"] = str(_single(payload.get("reference"), "reference") or "training")
-    if "quantile" in metric.payloads:
-        q = _single(payload.get("quantile"), "quantile")
-        try:
-            q = 0.5 if q in (None, "") else float(q)
-        except (TypeError, ValueError):
-            raise _bad("quantile must be a number in (0, 1)", "payload.quantile") from None
-        if not 0.0 < q < 1.0:
-            raise _bad("quantile must be in (0, 1)", "payload.quantile")
-        params["quantile"] = q
-    return tuple(sorted(params.items()))
-
-
-def _column(conn, model: store.Model, segsets: dict, metric: metric_registry.Metric,
-            payload: dict) -> engine.Column:
-    """payload.column: ``score``, a feature name or a segment key (``feature:``/``segment:`` to disambiguate)."""
-    name = _single(payload.get("column"), "column") or "score"
-    name = str(name)
-    features = set(store.feature_names(conn, model))
-    segment_keys = {k for seg in segsets.values() for k in seg}
-    if name == "score":
-        col = engine.Column("score", "score")
-    elif name.startswith("feature:") and name[8:] in features:
-        col = engine.Column(name[8:], "feature")
-    elif name.startswith("segment:") and name[8:] in segment_keys:
-        col = engine.Column(name[8:], "segment")
-    elif name in features:
-        col = engine.Column(name, "feature")
-    elif name in segment_keys:
-        col = engine.Column(name, "segment")
-    else:
-        raise _bad(f"unknown column {name[:80]!r} for {model.name}: use score, a feature or a segment key",
-                   "payload.column")
-    if not col.numeric and metric.name in metric_registry.NUMERIC_ONLY:
-        raise _bad(f"{metric.name} needs a numeric column; {col.name} is a segment", "payload.column")
-    if col.numeric and metric.name in metric_registry.CATEGORICAL_ONLY:
-        raise _bad(f"{metric.name} needs a segment column; {col.name} is numeric", "payload.column")
-    return col
-
-
-def _reference(conn, q: engine.Query, col: engine.Column, spec: str):
-    """The reference sample of a column: a stored reference by name, or a time range 'from/to'."""
-    if "/" in spec:
-        a, _, b = spec.partition("/")
-        try:
-            lo, hi = windows.parse_time(_number_or_text(a), "from"), windows.parse_time(_number_or_text(b), "to")
-        except windows.WindowError:
-            raise _bad("reference must be a stored reference name or a time range 'from/to'",
-                       "payload.reference") from None
-        if hi <= lo:
-            raise _bad("reference range must end after it starts", "payload.reference")
-        values = engine.column_values(conn, q, col, lo, hi)
-        if len(values) == 0:
-            raise _bad(f"reference range {spec[:80]} has no data for {col.name}", "payload.reference")
-        return values
-    values = store.reference_column(conn, q.model, spec, col.name)
-    if values is None:
-        raise _bad(f"reference {spec[:40]!r} of {q.model.name} has no column {col.name!r}"
-                   " (the loader stores 'training')", "payload.reference")
-    if col.numeric:
-        if isinstance(values, list):
-            raise _bad(f"reference column {col.name!r} is categorical", "payload.reference")
-        values = values[~np.isnan(values)]
-    return values
-
-
-def _number_or_text(v: str):
-    v = v.strip()
-    return int(v) if v.isdigit() else v
-
-
-def _segset_filter(segsets: dict[int, dict], filters: list) -> tuple[int, ...] | None:
-    """Ids of the segment sets matching every ad hoc filter (None: no filter)."""
-    if not filters:
-        return None
-    ids = []
-    for sid, seg in segsets.items():
-        if all(_matches(seg, f) for f in filters):
-            ids.append(sid)
-    return tuple(sorted(ids))
-
-
-def _matches(seg: dict, f: tuple) -> bool:
-    key, op, value = f
-    have = seg.get(key)
-    if op == "=":
-        return have == value
-    if op == "!=":
-        return have != value
-    hit = have is not None and value.fullmatch(have) is not None
-    return hit if op == "=~" else not hit
-
-
-def _parse_filters(raw) -> list[tuple]:
-    if raw in (None, ""):
-        return []
-    if not isinstance(raw, list):
-        raise _bad("filters must be a list of {key, operator, value}", "filters")
-    out = []
-    for i, f in enumerate(raw):
-        if not isinstance(f, dict) or not isinstance(f.get("key"), str):
-            raise _bad(f"filters[{i}] must be an object with a string key", "filters")
-        op = f.get("operator", "=")
-        if op not in _FILTER_OPS:
-            raise _bad(f"filters[{i}].operator must be one of {', '.join(_FILTER_OPS)}", "filters")
-        value = f.get("value")
-        value = "" if value is None else str(value)
-        if op in ("=~", "!~"):
-            if len(value) > 200:
-                raise _bad(f"filters[{i}].value regex is too long", "filters")
-            try:
-                value = re.compile(value)
-            except re.error as e:
-                raise _bad(f"filters[{i}].value is not a valid regex: {e}", "filters") from None
-        out.append((f["key"], op, value))
-    return out
-
-
-def _group_by(value) -> str | None:
-    value = _single(value, "group_by")
-    if value in (None, "", "none", "None", "$__all"):
-        return None
-    if not isinstance(value, str) or len(value) > 64:
-        raise _bad("group_by must be a segment key", "payload.group_by")
-    return value
-
-
 # ----------------------------------------------------------------------- responses
 
 
@@ -328,25 +143,32 @@ def _datapoints(s: engine.Series) -> list:
     return [[None if np.isnan(v) else float(v), t] for v, t in zip(s.values.tolist(), times, strict=True)]
 
 
-def _series_name(metric: str, model: str, many_models: bool, s: engine.Series, group_by) -> str:
-    name = f"{model} {metric}" if many_models else metric
-    if group_by:
-        name += f" {group_by}={s.name}"
-    return name
-
-
 @bp.get("/")
 def health():
-    try:
-        with _pool().connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT 1")
-    except Exception:
+    if not query.health(_pool()):
         return jsonify({"status": "error", "message": "the database does not answer"}), 503
     return jsonify({"status": "ok", "message": "database answers"})
 
 
+def _target(t: dict, scoped: dict) -> query.Target | None:
+    """A simpod target as a neutral one (None: hidden, or nothing to compute)."""
+    if not isinstance(t, dict) or t.get("hide") is True:
+        return None
+    ref = t.get("refId", "A")
+    name = resolve_value(t.get("target") or "", scoped)
+    name = _single(name, "target") if isinstance(name, list) else name
+    payload = _payload(t, scoped)
+    if name in ANNOTATION_TARGETS or (not name and ref == "Anno"):
+        return query.Target(query.ANNOTATIONS, ref, model=payload.get("model"))
+    if not name:
+        return None
+    fields = ("model", "window", "mode", "threshold", "group_by")
+    return query.Target(name, ref, **{f: payload.get(f) for f in fields},
+                        params={k: v for k, v in payload.items() if k not in fields})
+
+
 @bp.post("/query")
-def query():
+def query_route():
     body = _body()
     targets = body.get("targets") or []
     if not isinstance(targets, list):
@@ -357,142 +179,34 @@ def query():
     rng = body.get("range") or {}
     if not isinstance(rng, dict) or "from" not in rng or "to" not in rng:
         raise _bad("range with from and to is required", "range")
-    try:
-        from_s = windows.parse_time(rng.get("from"), "from")
-        to_s = windows.parse_time(rng.get("to"), "to")
-        step = windows.choose_step(from_s, to_s, body.get("intervalMs"), body.get("maxDataPoints"))
-    except windows.WindowError as e:
-        raise _bad(str(e), "range") from None
-    points = windows.grid_points(from_s, to_s, step)
-    filters = _parse_filters(body.get("filters") or body.get("adhocFilters"))
-    out = []
-    budget_s = current_app.extensions["settings"].statement_timeout_ms / 1000.0
-    deadline = time.monotonic() + budget_s if budget_s > 0 else None
-    memo = engine.RequestMemo.for_metrics(_target_metrics(targets, scoped))
-    with _pool().connection() as conn:
-        for t in targets:
-            if not isinstance(t, dict) or t.get("hide") is True:
-                continue
-            out.extend(_answer_target(conn, t, scoped, filters, from_s, to_s, step, points,
-                                      deadline, memo))
-    return jsonify(out)
+    time_range = query.time_range(rng.get("from"), rng.get("to"), body.get("intervalMs"),
+                                  body.get("maxDataPoints"))
+    filters = query.parse_filters(body.get("filters") or body.get("adhocFilters"))
+    neutral = [n for n in (_target(t, scoped) for t in targets) if n is not None]
+    service = query.Service(_pool(), current_app.extensions["settings"], prefix="payload.")
+    return jsonify([_simpod(r) for r in service.run(neutral, time_range, filters)])
 
 
-def _target_metrics(targets: list, scoped: dict) -> list:
-    """The known metrics among the visible targets (unknown ones fail later, with a message)."""
-    found = []
-    for t in targets:
-        if isinstance(t, dict) and t.get("hide") is not True:
-            name = resolve_value(t.get("target") or "", scoped)
-            if isinstance(name, str) and name in metric_registry.REGISTRY:
-                found.append(metric_registry.REGISTRY[name])
-    return found
-
-
-def _answer_target(conn, t: dict, scoped: dict, filters, from_s, to_s, step, points,
-                   deadline: float | None, memo: engine.RequestMemo) -> list:
-    ref = t.get("refId", "A")
-    name = resolve_value(t.get("target") or "", scoped)
-    name = _single(name, "target") if isinstance(name, list) else name
-    payload = _payload(t, scoped)
-    if name in ANNOTATION_TARGETS or (not name and ref == "Anno"):
-        return [_annotations(conn, payload, from_s, to_s, ref)]
-    if not name:
-        return []
-    try:
-        metric = metric_registry.get(name)
-    except metric_registry.MetricError as e:
-        raise _bad(str(e), "target") from None
-    models = _models(conn, payload.get("model"))
-    try:
-        window = windows.parse_window(_single(payload.get("window"), "window"))
-        mode = windows.parse_mode(_single(payload.get("mode"), "mode"))
-    except windows.WindowError as e:
-        raise _bad(str(e), "payload.window") from None
-    group_by = _group_by(payload.get("group_by"))
-    params = _metric_params(metric, payload)
-    out = []
-    for model in models:
-        if model.task not in metric.tasks:
-            raise _bad(f"metric {metric.name} does not apply to {model.name} ({model.task})", "target")
-        segsets = store.segment_sets(conn, model.model_id)
-        q = engine.Query(model, metric, window, mode, _threshold(payload.get("threshold"), model),
-                         _segset_filter(segsets, filters), group_by, segsets, params)
-        if "column" in metric.payloads:
-            col = _column(conn, model, segsets, metric, payload)
-            q = replace(q, column=col, params=tuple(sorted({**q.param_dict, "column": f"{col.kind}:{col.name}"}.items())))
-            if metric.kind == "drift":
-                q = replace(q, reference=_reference(conn, q, col, q.param_dict["reference"]))
-        if metric.kind == "table" or q.param_dict.get("format") == "table":
-            columns, rows = _table(conn, q, from_s, to_s, segsets)
-            out.append({"type": "table", "refId": ref, "columns": columns, "rows": rows})
-            continue
-        if metric.kind == "histogram":
-            for s in engine.histogram_series(conn, q, points, step, from_s, to_s):
-                out.append({"target": s.name, "refId": ref, "datapoints": _datapoints(s)})
-            continue
-        try:
-            result = engine.series(conn, q, points, step, deadline, memo)
-        except engine.QueryError as e:
-            raise _bad(str(e), "payload.window") from None
-        except engine.ComputeTimeout:
-            raise
-        except Exception as e:  # a user's metric function failed: this target only
-            if metric.source == "builtin":
-                raise
-            current_app.logger.warning("metric %s failed: %s", metric.name, e)
-            msg = f"{metric.name} failed: {type(e).__name__}: {e}"[:300]
-            out.append({"target": f"{metric.name}: {msg}", "refId": ref, "datapoints": [],
-                        "error": msg, "meta": {"notices": [{"severity": "error", "text": msg}]}})
-            continue
-        for s in result:
-            name = _series_name(metric.name, model.name, len(models) > 1, s, group_by)
-            item = {"target": name, "refId": ref, "datapoints": _datapoints(s), "unit": metric.unit}
-            tags = {**s.tags, **({"model": model.name} if len(models) > 1 else {})}
-            if tags:
-                # title: Grafana's display name, which would otherwise repeat the labels
-                item.update(tags=tags, title=name)
-            out.append(item)
-    return out
-
-
-def _table(conn, q: engine.Query, from_s: float, to_s: float, segsets: dict) -> tuple[list, list]:
-    if q.metric.name == "histogram":
-        return engine.histogram_table(conn, q, from_s, to_s)
-    if q.metric.name == "drift_ranking":
-        spec = q.param_dict["reference"]
-        candidates = [engine.Column("score", "score")]
-        candidates += [engine.Column(f, "feature") for f in store.feature_names(conn, q.model)]
-        candidates += [engine.Column(k, "segment") for k in sorted({k for seg in segsets.values() for k in seg})]
-        pairs = []
-        for col in candidates:
-            try:
-                pairs.append((col, _reference(conn, q, col, spec)))
-            except BatchError:
-                if "/" in spec and col.kind == "score":
-                    raise
-                continue  # this column has no reference: not ranked
-        if not pairs:
-            raise _bad(f"reference {spec[:40]!r} has no columns for {q.model.name}", "payload.reference")
-        return engine.drift_table(conn, q, from_s, to_s, pairs)
-    return engine.table(conn, q, from_s, to_s)
-
-
-def _annotations(conn, payload: dict, from_s: float, to_s: float, ref: str) -> dict:
-    model_value = payload.get("model")
-    models = _models(conn, model_value) if model_value not in (None, "") else store.list_models(conn)
-    events = store.list_events(conn, [m.model_id for m in models],
-                               datetime.fromtimestamp(from_s, UTC), datetime.fromtimestamp(to_s, UTC))
-    rows = []
-    for ts, time_end, title, text, tags, model_name in events:
-        ms = int(ts.timestamp() * 1000)
-        rows.append([ms, int(time_end.timestamp() * 1000) if time_end else ms, title,
-                     f"{model_name}: {text}" if text else model_name, ",".join(tags)])
-    return {"type": "table", "refId": ref,
-            "columns": [{"text": "time", "type": "time"}, {"text": "timeEnd", "type": "time"},
-                        {"text": "title", "type": "string"}, {"text": "text", "type": "string"},
-                        {"text": "tags", "type": "string"}],
-            "rows": rows}
+def _simpod(r) -> dict:
+    """A neutral result in the plugin's shapes: timeseries, table, or an errored target."""
+    if isinstance(r, query.TableResult):
+        if r.metric == query.ANNOTATIONS:  # the plugin's annotation table has no model column
+            return {"type": "table", "refId": r.ref_id, "columns": r.columns[:5],
+                    "rows": [row[:5] for row in r.rows]}
+        return {"type": "table", "refId": r.ref_id, "columns": r.columns, "rows": r.rows}
+    if isinstance(r, query.FailedTarget):
+        current_app.logger.warning("metric %s failed: %s", r.metric, r.message)
+        return {"target": f"{r.metric}: {r.message}", "refId": r.ref_id, "datapoints": [],
+                "error": r.message, "meta": {"notices": [{"severity": "error", "text": r.message}]}}
+    item = {"target": r.name, "refId": r.ref_id, "datapoints": _datapoints(r.series)}
+    if r.metric.kind == "histogram":
+        return item
+    item["unit"] = r.metric.unit
+    tags = {**r.series.tags, **({"model": r.model} if r.many_models else {})}
+    if tags:
+        # title: Grafana's display name, which would otherwise repeat the labels
+        item.update(tags=tags, title=r.name)
+    return item
 
 
 # ----------------------------------------------------------------------- discovery
@@ -541,8 +255,7 @@ def list_metrics():
     model_name = resolve_value(payload.get("model"), {}) if payload else None
     if isinstance(model_name, str) and model_name:
         with _pool().connection() as conn:
-            model = store.get_model(conn, model_name)
-        task = model.task if model else None
+            task = query.Catalog(conn).task_of(model_name)
     out = []
     for m in metric_registry.REGISTRY.values():
         if task and task not in m.tasks:
@@ -559,55 +272,27 @@ def search():
     return jsonify(list(metric_registry.REGISTRY))
 
 
-def _segment_keys(conn, model_names) -> list[str]:
-    keys: set[str] = set()
-    for model in _models_or_all(conn, model_names):
-        for seg in store.segment_sets(conn, model.model_id).values():
-            keys.update(seg)
-    return sorted(keys)
-
-
-def _segment_values(conn, model_names, key: str) -> list[str]:
-    values: set[str] = set()
-    for model in _models_or_all(conn, model_names):
-        for seg in store.segment_sets(conn, model.model_id).values():
-            if key in seg:
-                values.add(seg[key])
-    return sorted(values)
-
-
-def _feature_names(conn, model_names) -> list[str]:
-    return sorted({f for m in _models_or_all(conn, model_names) for f in store.feature_names(conn, m)})
-
-
-def _models_or_all(conn, names) -> list[store.Model]:
-    if names in (None, "", []):
-        return store.list_models(conn)
-    return [m for m in (store.get_model(conn, str(n)) for n in
-                        (names if isinstance(names, list) else [names])) if m]
-
-
 @bp.post("/metric-payload-options")
 def metric_payload_options():
     body = _body()
     name = body.get("name")
     payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
     payload = {k: resolve_value(v, {}) for k, v in payload.items()}
+    model = payload.get("model")
     with _pool().connection() as conn:
+        catalog = query.Catalog(conn)
         if name == "model":
-            values = [m.name for m in store.list_models(conn)]
+            values = catalog.model_names()
         elif name == "group_by":
-            values = ["none", *_segment_keys(conn, payload.get("model"))]
+            values = ["none", *catalog.segment_keys(model)]
         elif name == "window":
             values = list(windows.WINDOW_CHOICES)
         elif name == "mode":
             values = list(windows.MODES)
         elif name == "column":
-            values = ["score", *_feature_names(conn, payload.get("model")),
-                      *_segment_keys(conn, payload.get("model"))]
+            values = ["score", *catalog.feature_names(model), *catalog.segment_keys(model)]
         elif name == "reference":
-            values = sorted({r for m in _models_or_all(conn, payload.get("model"))
-                             for r in store.reference_names(conn, m)} | {"training"})
+            values = catalog.reference_names(model)
         else:
             values = []
     return jsonify([{"label": v, "value": v} for v in values])
@@ -615,6 +300,11 @@ def metric_payload_options():
 
 def _variable_items(values) -> list[dict]:
     return [{"__text": t, "__value": v, "text": t, "value": v} for t, v in values]
+
+
+_VARIABLE_HELP = ("payload.target must be one of: models, metrics [model], windows, modes, "
+                  "columns [model], features [model], segment_keys [model], group_by [model], "
+                  "segment_values <key> [model]")
 
 
 @bp.post("/variable")
@@ -628,42 +318,18 @@ def variable():
     words = words if isinstance(words, list) else [words]
     kind = words[0] if words else ""
     args = words[1:]
-    model = payload.get("model") or (
-        args[0] if kind in ("metrics", "segment_keys", "group_by", "columns", "features") and args else None)
+    if kind == "segment_values":
+        key = payload.get("key") or (args[0] if args else None)
+        if not key:
+            raise _bad("segment_values needs a key: 'segment_values <key>'", "payload.target")
+        model = payload.get("model") or (args[1] if len(args) > 1 else None)
+    else:
+        key = None
+        model = payload.get("model") or (args[0] if args else None)
     with _pool().connection() as conn:
-        if kind == "models":
-            items = [(m.name, m.name) for m in store.list_models(conn)]
-        elif kind == "metrics":
-            task = None
-            if model:
-                ms = _models_or_all(conn, model)
-                task = ms[0].task if ms else None
-            # Time series of the default column: tables, histograms and segment-only tests are
-            # chosen in their own panels.
-            items = [(m.label, m.name) for m in metric_registry.REGISTRY.values()
-                     if m.kind not in ("table", "histogram") and (task is None or task in m.tasks)
-                     and m.source == "builtin" and m.name not in metric_registry.CATEGORICAL_ONLY]
-        elif kind == "windows":
-            items = [(w, w) for w in windows.WINDOW_CHOICES]
-        elif kind == "modes":
-            items = [(m, m) for m in windows.MODES]
-        elif kind in ("columns", "features"):
-            items = [("score", "score")] if kind == "columns" else []
-            items += [(f, f) for f in _feature_names(conn, model)]
-        elif kind in ("segment_keys", "group_by"):
-            items = [("none", "none")] if kind == "group_by" else []
-            items += [(k, k) for k in _segment_keys(conn, model)]
-        elif kind == "segment_values":
-            key = payload.get("key") or (args[0] if args else None)
-            if not key:
-                raise _bad("segment_values needs a key: 'segment_values <key>'", "payload.target")
-            model = payload.get("model") or (args[1] if len(args) > 1 else None)
-            items = [(v, v) for v in _segment_values(conn, model, key)]
-        else:
-            raise _bad("payload.target must be one of: models, metrics [model], windows, modes, "
-                       "columns [model], features [model], segment_keys [model], group_by [model], "
-                       "segment_values <key> [model]",
-                       "payload.target")
+        items = query.variable_items(query.Catalog(conn), kind, model, key)
+    if items is None:
+        raise _bad(_VARIABLE_HELP, "payload.target")
     return jsonify(_variable_items(items))
 
 
@@ -671,7 +337,7 @@ def variable():
 def tag_keys():
     _body()
     with _pool().connection() as conn:
-        return jsonify([{"type": "string", "text": k} for k in _segment_keys(conn, None)])
+        return jsonify([{"type": "string", "text": k} for k in query.Catalog(conn).segment_keys()])
 
 
 @bp.post("/tag-values")
@@ -681,4 +347,4 @@ def tag_values():
     if not isinstance(key, str) or not key:
         raise _bad("key is required", "key")
     with _pool().connection() as conn:
-        return jsonify([{"text": v} for v in _segment_values(conn, None, key)])
+        return jsonify([{"text": v} for v in query.Catalog(conn).segment_values(None, key)])

@@ -21,7 +21,9 @@ Only parameters (``%(name)s``) carry values; identifiers come from constants.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +36,7 @@ from datasource.records import FeedbackRows, ModelSpec, PredictionRows
 ROLLUP_BUCKET_S = 60
 EPS = float(np.finfo(np.float64).eps)  # the clipping scikit-learn's log_loss applies
 _LOCK_NAMESPACE = 715018
+log = logging.getLogger(__name__)
 
 # name -> SQL aggregate over joined rows ``p`` (predictions) LEFT JOIN ``f`` (feedback).
 # %(thr)s is the decision threshold (NULL for regression models).
@@ -57,8 +60,27 @@ PARTIALS: dict[str, str] = {
 }
 COUNT_PARTIALS = ("n_pred", "n_pred_pos", "n_lab", "tp", "fp")
 
-_SELECT_PARTIALS = ",\n       ".join(f"{expr} AS {name}" for name, expr in PARTIALS.items())
-_COLS = ", ".join(PARTIALS)
+
+
+def partial_type(name: str) -> str:
+    """The rollup column type of a partial: counts are exact integers, sums are floats."""
+    return "bigint" if name in COUNT_PARTIALS else "double precision"
+
+
+def partials_fingerprint() -> str:
+    """A digest of the declared partial set (names, SQL, types): when it changes, the rollup
+    is rebuilt, so a new or redefined partial never serves zeros or stale sums."""
+    text = "\n".join(f"{n}\t{partial_type(n)}\t{PARTIALS[n]}" for n in sorted(PARTIALS))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _select_partials() -> str:
+    return ",\n       ".join(f"{expr} AS {name}" for name, expr in PARTIALS.items())
+
+
+def _cols() -> str:
+    return ", ".join(PARTIALS)
+
 _JOIN = (
     "FROM predictions p LEFT JOIN feedback f"
     " ON f.model_id = p.model_id AND f.output_id = p.output_id"
@@ -83,17 +105,53 @@ class Model:
 # --------------------------------------------------------------------------- schema
 
 
-def check_schema(conn) -> None:
-    """Fail fast when the rollup table and PARTIALS disagree (a migration is missing)."""
+def _rollup_columns(cur) -> set[str]:
+    cur.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_name = 'rollup' AND table_schema = current_schema()"
+    )
+    return {r[0] for r in cur.fetchall()}
+
+
+def sync_partials(conn) -> bool:
+    """Derive the rollup's partial columns from ``PARTIALS`` and rebuild every model's rollup
+    when the declared set changed since the last start (its fingerprint is stored in
+    ``partial_set``). Needs the owner role (it may ALTER the table); runs with the migrations.
+    Returns whether the rollup was rebuilt."""
+    fingerprint = partials_fingerprint()
     with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": _LOCK_NAMESPACE})
+        cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
+        row = cur.fetchone()
+        if row and row[0] == fingerprint:
+            conn.commit()
+            return False
+        for name in sorted(set(PARTIALS) - _rollup_columns(cur)):
+            cur.execute(f"ALTER TABLE rollup ADD COLUMN {name} {partial_type(name)} NOT NULL DEFAULT 0")
+        models = list_models(conn)
+        log.warning("the declared partial set changed (fingerprint %s): rebuilding the rollup of "
+                    "%d model(s)", fingerprint[:12], len(models))
+        rows = sum(rebuild_rollup(conn, m) for m in models)
         cur.execute(
-            "SELECT column_name FROM information_schema.columns"
-            " WHERE table_name = 'rollup' AND table_schema = current_schema()"
-        )
-        have = {r[0] for r in cur.fetchall()}
-    missing = set(PARTIALS) - have
+            "INSERT INTO partial_set (id, fingerprint) VALUES (1, %(f)s)"
+            " ON CONFLICT (id) DO UPDATE SET fingerprint = excluded.fingerprint, updated_at = now()",
+            {"f": fingerprint})
+    conn.commit()
+    log.warning("rollup rebuilt: %d rows", rows)
+    return True
+
+
+def check_schema(conn) -> None:
+    """Fail fast when the rollup does not hold the declared partials (``sync_partials`` not run)."""
+    with conn.cursor() as cur:
+        missing = set(PARTIALS) - _rollup_columns(cur)
+        cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
+        row = cur.fetchone()
+    conn.rollback()
     if missing:
-        raise RuntimeError(f"rollup table lacks partial columns {sorted(missing)}")
+        raise RuntimeError(f"rollup table lacks partial columns {sorted(missing)}; run the migrations")
+    if not row or row[0] != partials_fingerprint():
+        raise RuntimeError("the rollup was built for another partial set; run the migrations")
 
 
 # --------------------------------------------------------------------------- models
@@ -235,7 +293,7 @@ def _contributions_into_delta(cur, model: Model, sign: int) -> None:
     """Add sign x the partials of the joined rows whose keys are in ``stage_keys``."""
     cur.execute(
         f"""
-        INSERT INTO rollup_delta (segset_id, bucket_end, {_COLS})
+        INSERT INTO rollup_delta (segset_id, bucket_end, {_cols()})
         SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
                {_MINUTE_BUCKET},
                {", ".join(f"%(sign)s * ({expr})" for expr in PARTIALS.values())}
@@ -254,8 +312,8 @@ def _begin_write(cur, model: Model) -> int:
     cur.execute("SELECT nextval('write_revision')")
     revision = cur.fetchone()[0]
     cur.execute(
-        f"CREATE TEMP TABLE IF NOT EXISTS rollup_delta (segset_id int, bucket_end bigint,"
-        f" {', '.join(f'{c} double precision' for c in PARTIALS)}) ON COMMIT DELETE ROWS"
+        f"CREATE TEMP TABLE rollup_delta (segset_id int, bucket_end bigint,"
+        f" {', '.join(f'{c} double precision' for c in PARTIALS)}) ON COMMIT DROP"
     )
     return revision
 
@@ -266,7 +324,7 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
     )
     cur.execute(
         f"""
-        INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {_COLS})
+        INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {_cols()})
         SELECT %(m)s, segset_id, bucket_end, %(rev)s, {sums}
         FROM rollup_delta GROUP BY segset_id, bucket_end
         ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
@@ -347,12 +405,12 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         cur.execute("ANALYZE stage")
         cur.execute(
             f"""
-            INSERT INTO rollup_delta (segset_id, bucket_end, {_COLS})
+            INSERT INTO rollup_delta (segset_id, bucket_end, {_cols()})
             SELECT segset_id, bucket_end, {", ".join(f"sum(sign * {c})" for c in PARTIALS)}
             FROM (
               SELECT f.sign, CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END
                                AS segset_id,
-                     {_MINUTE_BUCKET} AS bucket_end, {_SELECT_PARTIALS}
+                     {_MINUTE_BUCKET} AS bucket_end, {_select_partials()}
               FROM stage s
               JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id
               CROSS JOIN LATERAL (
@@ -381,10 +439,11 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
 
 # --------------------------------------------------------------------------- rollup upkeep
 
-_ALL_CONTRIBUTIONS = f"""
+def _all_contributions() -> str:
+    return f"""
     SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
            {_MINUTE_BUCKET} AS bucket_end,
-           {_SELECT_PARTIALS}
+           {_select_partials()}
     {_JOIN}
     WHERE p.model_id = %(m)s
     GROUP BY GROUPING SETS (({_MINUTE_BUCKET}, p.segset_id), ({_MINUTE_BUCKET}))
@@ -399,8 +458,8 @@ def rebuild_rollup(conn, model: Model) -> int:
         revision = cur.fetchone()[0]
         cur.execute("DELETE FROM rollup WHERE model_id = %(m)s", {"m": model.model_id})
         cur.execute(
-            f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {_COLS})"
-            f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {_COLS} FROM ({_ALL_CONTRIBUTIONS}) c",
+            f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {_cols()})"
+            f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {_cols()} FROM ({_all_contributions()}) c",
             {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision},
         )
         return cur.rowcount
@@ -419,7 +478,7 @@ def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
             SELECT coalesce(r.segset_id, c.segset_id), coalesce(r.bucket_end, c.bucket_end),
                    {", ".join(f"coalesce(r.{n}, 0), coalesce(c.{n}, 0)" for n in PARTIALS)}
             FROM (SELECT * FROM rollup WHERE model_id = %(m)s) r
-            FULL JOIN ({_ALL_CONTRIBUTIONS}) c USING (segset_id, bucket_end)
+            FULL JOIN ({_all_contributions()}) c USING (segset_id, bucket_end)
             """,
             {"m": model.model_id, "thr": model.threshold, "eps": EPS},
         )

@@ -1,0 +1,544 @@
+"""The protocol-neutral query service between the HTTP routes and the engine.
+
+Every door in (the simpod JSON protocol, the flat ``/api/v1/series`` endpoint
+for Infinity, the Prometheus exporter, the SLI browser) turns its request into
+``Target`` values and a ``TimeRange`` and gets neutral results back: series,
+tables, events or a failed target. Here the names a client sends are resolved
+(models, metric, window, threshold, column, reference, segments), the time
+budget and the per-request memo live, and the engine is called; the routes
+only translate, and never import the store.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import numpy as np
+import psycopg2
+
+from datasource import engine, store, windows
+from datasource import metrics as metric_registry
+from datasource.records import BatchError
+
+ANNOTATIONS = "annotations"
+FILTER_OPS = ("=", "!=", "=~", "!~")
+MAX_HISTOGRAM_BINS = 1000
+MAX_FILTER_REGEX = 200
+
+
+def bad(message: str, field: str | None = None, status: int = 400) -> BatchError:
+    """A client mistake, optionally naming the offending field."""
+    errors = [{"index": None, "field": field, "message": message}] if field else None
+    return BatchError(message, errors, status)
+
+
+# ----------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One ad hoc filter on a segment key; ``value`` is compiled for =~ and !~."""
+
+    key: str
+    op: str
+    value: object
+
+    def matches(self, segments: dict) -> bool:
+        have = segments.get(self.key)
+        if self.op == "=":
+            return have == self.value
+        if self.op == "!=":
+            return have != self.value
+        hit = have is not None and bool(self.value.fullmatch(have))
+        return hit if self.op == "=~" else not hit
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to compute, with values as the client sent them (lists for multi-values)."""
+
+    metric: str
+    ref_id: str = "A"
+    model: object = None  # a name, a list of names, or None for the only model
+    window: object = None
+    mode: object = None
+    threshold: object = None
+    group_by: object = None
+    params: dict = field(default_factory=dict)  # quantile, column, reference, bins, format
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """Range bounds in epoch seconds and the epoch-aligned step and points."""
+
+    from_s: float
+    to_s: float
+    step: int
+    points: np.ndarray = field(compare=False)
+
+
+@dataclass
+class SeriesResult:
+    ref_id: str
+    metric: metric_registry.Metric
+    model: str
+    series: engine.Series
+    name: str  # the legend
+    group_by: str | None = None
+    many_models: bool = False
+
+
+@dataclass
+class TableResult:
+    ref_id: str
+    metric: str
+    model: str | None
+    columns: list  # [{"text": name, "type": "string"|"number"|"time"}]
+    rows: list
+
+
+@dataclass
+class FailedTarget:
+    """A user metric raised: this target has no data and says why; the others still answer."""
+
+    ref_id: str
+    metric: str
+    message: str
+
+
+EVENT_COLUMNS = [{"text": "time", "type": "time"}, {"text": "timeEnd", "type": "time"},
+                 {"text": "title", "type": "string"}, {"text": "text", "type": "string"},
+                 {"text": "tags", "type": "string"}, {"text": "model", "type": "string"}]
+
+
+def time_range(from_value, to_value, interval_ms, max_points, where: str = "range") -> TimeRange:
+    """Parse range bounds (ISO-8601 or epoch ms) and choose the step and points."""
+    try:
+        from_s = windows.parse_time(from_value, "from")
+        to_s = windows.parse_time(to_value, "to")
+        step = windows.choose_step(from_s, to_s, interval_ms, max_points)
+    except windows.WindowError as e:
+        raise bad(str(e), where) from None
+    return TimeRange(from_s, to_s, step, windows.grid_points(from_s, to_s, step))
+
+
+def parse_filters(raw, where: str = "filters") -> list[Filter]:
+    """Ad hoc filters given as ``{key, operator, value}`` objects."""
+    if raw in (None, ""):
+        return []
+    if not isinstance(raw, list):
+        raise bad("filters must be a list of {key, operator, value}", where)
+    out = []
+    for i, f in enumerate(raw):
+        if not isinstance(f, dict) or not isinstance(f.get("key"), str):
+            raise bad(f"{where}[{i}] must be an object with a string key", where)
+        out.append(make_filter(f["key"], f.get("operator", "="), f.get("value"), f"{where}[{i}]"))
+    return out
+
+
+def make_filter(key: str, op: str, value, where: str) -> Filter:
+    if op not in FILTER_OPS:
+        raise bad(f"{where}.operator must be one of {', '.join(FILTER_OPS)}", where)
+    value = "" if value is None else str(value)
+    if op in ("=~", "!~"):
+        value = _compile_pattern(value, where)
+    return Filter(key, op, value)
+
+
+def _compile_pattern(value: str, where: str):
+    """A filter regex, matched in linear time where the safe engine is installed."""
+    try:
+        from datasource import patterns
+    except ImportError:
+        patterns = None
+    if patterns is not None and hasattr(patterns, "compile_filter"):
+        return patterns.compile_filter(value, where)
+    if len(value) > MAX_FILTER_REGEX:
+        raise bad(f"{where}.value regex is too long", where)
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise bad(f"{where}.value is not a valid regex: {e}", where) from None
+
+
+# ----------------------------------------------------------------------- resolution
+
+
+def _single(value, field: str):
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise bad(f"{field} takes one value, got {len(value)}", field)
+        return value[0]
+    return value
+
+
+class Resolver:
+    """Resolves a target's names against the store; ``prefix`` names fields as the protocol does."""
+
+    def __init__(self, conn, prefix: str = ""):
+        self.conn = conn
+        self.prefix = prefix
+
+    def field(self, name: str) -> str:
+        return self.prefix + name
+
+    def models(self, value) -> list[store.Model]:
+        names = value if isinstance(value, list) else [value]
+        names = [n for n in names if n not in (None, "")]
+        if not names:
+            all_models = store.list_models(self.conn)
+            if len(all_models) == 1:
+                return all_models
+            raise bad(f"{self.field('model')} is required (the 'models' variable lists them)",
+                      self.field("model"))
+        out = []
+        for name in names:
+            model = store.get_model(self.conn, str(name))
+            if model is None:
+                raise bad(f"unknown model {str(name)[:80]!r}", self.field("model"))
+            out.append(model)
+        return out
+
+    def threshold(self, value, model: store.Model) -> float | None:
+        if not model.is_classifier:
+            return None
+        value = _single(value, self.field("threshold"))
+        if value in (None, "", "default"):
+            return model.threshold
+        try:
+            thr = float(value)
+        except (TypeError, ValueError):
+            raise bad(f"threshold {str(value)[:40]!r} is not a number", self.field("threshold")) from None
+        if not 0.0 <= thr <= 1.0:
+            raise bad("threshold must be in [0, 1]", self.field("threshold"))
+        return thr
+
+    def metric_params(self, metric: metric_registry.Metric, payload: dict) -> tuple:
+        params = {}
+        if "bins" in metric.payloads and payload.get("bins") not in (None, "", "auto"):
+            bins = _single(payload.get("bins"), self.field("bins"))
+            try:
+                bins = int(str(bins))
+            except ValueError:
+                raise bad("bins must be a whole number (or empty for Freedman–Diaconis)",
+                          self.field("bins")) from None
+            if not 1 <= bins <= MAX_HISTOGRAM_BINS:
+                raise bad(f"bins must be between 1 and {MAX_HISTOGRAM_BINS}", self.field("bins"))
+            params["bins"] = bins
+        if "format" in metric.payloads:
+            fmt = _single(payload.get("format"), self.field("format")) or "heatmap"
+            if fmt not in ("heatmap", "table"):
+                raise bad("format must be heatmap or table", self.field("format"))
+            params["format"] = fmt
+        if "reference" in metric.payloads:
+            params["reference"] = str(_single(payload.get("reference"), self.field("reference"))
+                                      or "training")
+        if "quantile" in metric.payloads:
+            q = _single(payload.get("quantile"), self.field("quantile"))
+            try:
+                q = 0.5 if q in (None, "") else float(q)
+            except (TypeError, ValueError):
+                raise bad("quantile must be a number in (0, 1)", self.field("quantile")) from None
+            if not 0.0 < q < 1.0:
+                raise bad("quantile must be in (0, 1)", self.field("quantile"))
+            params["quantile"] = q
+        return tuple(sorted(params.items()))
+
+    def column(self, model: store.Model, segsets: dict, metric: metric_registry.Metric,
+               value) -> engine.Column:
+        """``score``, a feature name or a segment key (``feature:``/``segment:`` to disambiguate)."""
+        name = str(_single(value, self.field("column")) or "score")
+        features = set(store.feature_names(self.conn, model))
+        segment_keys = {k for seg in segsets.values() for k in seg}
+        if name == "score":
+            col = engine.Column("score", "score")
+        elif name.startswith("feature:") and name[8:] in features:
+            col = engine.Column(name[8:], "feature")
+        elif name.startswith("segment:") and name[8:] in segment_keys:
+            col = engine.Column(name[8:], "segment")
+        elif name in features:
+            col = engine.Column(name, "feature")
+        elif name in segment_keys:
+            col = engine.Column(name, "segment")
+        else:
+            raise bad(f"unknown column {name[:80]!r} for {model.name}: use score, a feature or a "
+                      "segment key", self.field("column"))
+        if not col.numeric and metric.name in metric_registry.NUMERIC_ONLY:
+            raise bad(f"{metric.name} needs a numeric column; {col.name} is a segment",
+                      self.field("column"))
+        if col.numeric and metric.name in metric_registry.CATEGORICAL_ONLY:
+            raise bad(f"{metric.name} needs a segment column; {col.name} is numeric",
+                      self.field("column"))
+        return col
+
+    def reference(self, q: engine.Query, col: engine.Column, spec: str):
+        """A column's reference sample: a stored reference by name, or a time range 'from/to'."""
+        where = self.field("reference")
+        if "/" in spec:
+            a, _, b = spec.partition("/")
+            try:
+                lo = windows.parse_time(_number_or_text(a), "from")
+                hi = windows.parse_time(_number_or_text(b), "to")
+            except windows.WindowError:
+                raise bad("reference must be a stored reference name or a time range 'from/to'",
+                          where) from None
+            if hi <= lo:
+                raise bad("reference range must end after it starts", where)
+            values = engine.column_values(self.conn, q, col, lo, hi)
+            if len(values) == 0:
+                raise bad(f"reference range {spec[:80]} has no data for {col.name}", where)
+            return values
+        values = store.reference_column(self.conn, q.model, spec, col.name)
+        if values is None:
+            raise bad(f"reference {spec[:40]!r} of {q.model.name} has no column {col.name!r}"
+                      " (the loader stores 'training')", where)
+        if col.numeric:
+            if isinstance(values, list):
+                raise bad(f"reference column {col.name!r} is categorical", where)
+            values = values[~np.isnan(values)]
+        return values
+
+    def group_by(self, value) -> str | None:
+        value = _single(value, self.field("group_by"))
+        if value in (None, "", "none", "None", "$__all", "model"):
+            return None  # "model": every model is its own series already
+        if not isinstance(value, str) or len(value) > 64:
+            raise bad("group_by must be a segment key", self.field("group_by"))
+        return value
+
+    def query(self, t: Target, metric: metric_registry.Metric, model: store.Model,
+              filters: list[Filter]) -> engine.Query:
+        """The engine query for one model of a target."""
+        try:
+            window = windows.parse_window(_single(t.window, self.field("window")))
+            mode = windows.parse_mode(_single(t.mode, self.field("mode")))
+        except windows.WindowError as e:
+            raise bad(str(e), self.field("window")) from None
+        if model.task not in metric.tasks:
+            raise bad(f"metric {metric.name} does not apply to {model.name} ({model.task})",
+                      self.field("metric") if self.prefix == "" else "target")
+        segsets = store.segment_sets(self.conn, model.model_id)
+        segset_ids = (tuple(sorted(sid for sid, seg in segsets.items()
+                                   if all(f.matches(seg) for f in filters)))
+                      if filters else None)
+        q = engine.Query(model, metric, window, mode, self.threshold(t.threshold, model),
+                         segset_ids, self.group_by(t.group_by), segsets,
+                         self.metric_params(metric, t.params))
+        if "column" in metric.payloads:
+            col = self.column(model, segsets, metric, t.params.get("column"))
+            q = replace(q, column=col,
+                        params=tuple(sorted({**q.param_dict, "column": f"{col.kind}:{col.name}"}.items())))
+            if metric.kind == "drift":
+                q = replace(q, reference=self.reference(q, col, q.param_dict["reference"]))
+        return q
+
+
+def _number_or_text(v: str):
+    v = v.strip()
+    return int(v) if v.isdigit() else v
+
+
+def metric_of(name) -> metric_registry.Metric:
+    try:
+        return metric_registry.get(name)
+    except metric_registry.MetricError as e:
+        raise bad(str(e), "target") from None
+
+
+# ----------------------------------------------------------------------- running
+
+
+class Service:
+    """Answers targets over one time range; one per request (it holds the budget and the memo)."""
+
+    def __init__(self, pool, settings, prefix: str = ""):
+        self.pool = pool
+        budget_s = settings.statement_timeout_ms / 1000.0
+        self.deadline = time.monotonic() + budget_s if budget_s > 0 else None
+        self.prefix = prefix
+
+    def run(self, targets: list[Target], rng: TimeRange, filters: list[Filter]) -> list:
+        known = [metric_registry.REGISTRY[t.metric] for t in targets
+                 if isinstance(t.metric, str) and t.metric in metric_registry.REGISTRY]
+        memo = engine.RequestMemo.for_metrics(known)
+        out: list = []
+        with self.pool.connection() as conn:
+            resolver = Resolver(conn, self.prefix)
+            for t in targets:
+                out.extend(self._answer(conn, resolver, t, rng, filters, memo))
+        return out
+
+    def _answer(self, conn, resolver: Resolver, t: Target, rng: TimeRange, filters,
+                memo: engine.RequestMemo) -> list:
+        if t.metric == ANNOTATIONS:
+            return [events(conn, resolver, t, rng)]
+        metric = metric_of(t.metric)
+        models = resolver.models(t.model)
+        out: list = []
+        for model in models:
+            q = resolver.query(t, metric, model, filters)
+            if metric.kind == "table" or q.param_dict.get("format") == "table":
+                columns, rows = _table(conn, resolver, q, rng)
+                out.append(TableResult(t.ref_id, metric.name, model.name, columns, rows))
+                continue
+            if metric.kind == "histogram":
+                for s in engine.histogram_series(conn, q, rng.points, rng.step, rng.from_s, rng.to_s):
+                    out.append(SeriesResult(t.ref_id, metric, model.name, s, s.name))
+                continue
+            try:
+                result = engine.series(conn, q, rng.points, rng.step, self.deadline, memo)
+            except engine.QueryError as e:
+                raise bad(str(e), resolver.field("window")) from None
+            except (engine.ComputeTimeout, psycopg2.Error):
+                raise  # the budget or the database: the whole request, never a user-metric error
+            except Exception as e:  # a user's metric function failed: this target only
+                if metric.source == "builtin":
+                    raise
+                msg = f"{metric.name} failed: {type(e).__name__}: {e}"[:300]
+                out.append(FailedTarget(t.ref_id, metric.name, msg))
+                continue
+            for s in result:
+                name = f"{model.name} {metric.name}" if len(models) > 1 else metric.name
+                if q.group_by:
+                    name += f" {q.group_by}={s.name}"
+                out.append(SeriesResult(t.ref_id, metric, model.name, s, name, q.group_by,
+                                        len(models) > 1))
+        return out
+
+
+def _table(conn, resolver: Resolver, q: engine.Query, rng: TimeRange) -> tuple[list, list]:
+    if q.metric.name == "histogram":
+        return engine.histogram_table(conn, q, rng.from_s, rng.to_s)
+    if q.metric.name == "drift_ranking":
+        spec = q.param_dict["reference"]
+        pairs = []
+        for col in _drift_candidates(conn, q):
+            try:
+                pairs.append((col, resolver.reference(q, col, spec)))
+            except BatchError:
+                if "/" in spec and col.kind == "score":
+                    raise
+                continue  # this column has no reference: not ranked
+        if not pairs:
+            raise bad(f"reference {spec[:40]!r} has no columns for {q.model.name}",
+                      resolver.field("reference"))
+        return engine.drift_table(conn, q, rng.from_s, rng.to_s, pairs)
+    return engine.table(conn, q, rng.from_s, rng.to_s)
+
+
+def _drift_candidates(conn, q: engine.Query) -> list[engine.Column]:
+    """What a drift ranking compares: the score, every feature, every segment key."""
+    out = [engine.Column("score", "score")]
+    out += [engine.Column(f, "feature") for f in store.feature_names(conn, q.model)]
+    out += [engine.Column(k, "segment") for k in sorted({k for seg in q.segsets.values() for k in seg})]
+    return out
+
+
+def events(conn, resolver: Resolver, t: Target, rng: TimeRange) -> TableResult:
+    """Model events (training runs…) in the range, as an annotation table."""
+    models = (resolver.models(t.model) if t.model not in (None, "", [])
+              else store.list_models(conn))
+    found = store.list_events(conn, [m.model_id for m in models],
+                              datetime.fromtimestamp(rng.from_s, UTC),
+                              datetime.fromtimestamp(rng.to_s, UTC))
+    rows = []
+    for ts, time_end, title, text, tags, model_name in found:
+        ms = int(ts.timestamp() * 1000)
+        rows.append([ms, int(time_end.timestamp() * 1000) if time_end else ms, title,
+                     f"{model_name}: {text}" if text else model_name, ",".join(tags), model_name])
+    return TableResult(t.ref_id, ANNOTATIONS, None, EVENT_COLUMNS, rows)
+
+
+# ----------------------------------------------------------------------- discovery
+
+
+def health(pool) -> bool:
+    """Whether the database answers."""
+    try:
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    except Exception:
+        return False
+    return True
+
+
+class Catalog:
+    """What dropdowns and variables list: models, metrics, columns, segments, references."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def models(self, names=None) -> list[store.Model]:
+        if names in (None, "", []):
+            return store.list_models(self.conn)
+        return [m for m in (store.get_model(self.conn, str(n)) for n in
+                            (names if isinstance(names, list) else [names])) if m]
+
+    def model_names(self) -> list[str]:
+        return [m.name for m in store.list_models(self.conn)]
+
+    def task_of(self, names) -> str | None:
+        found = self.models(names) if names not in (None, "", []) else []
+        return found[0].task if found else None
+
+    def segment_keys(self, names=None) -> list[str]:
+        keys: set[str] = set()
+        for model in self.models(names):
+            for seg in store.segment_sets(self.conn, model.model_id).values():
+                keys.update(seg)
+        return sorted(keys)
+
+    def segment_values(self, names, key: str) -> list[str]:
+        values: set[str] = set()
+        for model in self.models(names):
+            for seg in store.segment_sets(self.conn, model.model_id).values():
+                if key in seg:
+                    values.add(seg[key])
+        return sorted(values)
+
+    def feature_names(self, names=None) -> list[str]:
+        return sorted({f for m in self.models(names) for f in store.feature_names(self.conn, m)})
+
+    def reference_names(self, names=None) -> list[str]:
+        return sorted({r for m in self.models(names) for r in store.reference_names(self.conn, m)}
+                      | {"training"})
+
+    def series_metrics(self, names=None) -> list[metric_registry.Metric]:
+        """Built-in metrics that draw as one time series of the default column, for the model's task.
+
+        Tables, histograms and segment-only tests are chosen in their own panels.
+        """
+        task = self.task_of(names) if names else None
+        return [m for m in metric_registry.REGISTRY.values()
+                if m.kind not in ("table", "histogram") and (task is None or task in m.tasks)
+                and m.source == "builtin" and m.name not in metric_registry.CATEGORICAL_ONLY]
+
+
+VARIABLES = ("models", "metrics", "windows", "modes", "columns", "features", "segment_keys",
+             "group_by", "segment_values")
+
+
+def variable_items(catalog: Catalog, kind: str, model=None, key=None) -> list[tuple[str, str]]:
+    """(text, value) pairs of a dashboard variable; None when ``kind`` is not one of VARIABLES."""
+    if kind == "models":
+        return [(n, n) for n in catalog.model_names()]
+    if kind == "metrics":
+        return [(m.label, m.name) for m in catalog.series_metrics(model)]
+    if kind == "windows":
+        return [(w, w) for w in windows.WINDOW_CHOICES]
+    if kind == "modes":
+        return [(m, m) for m in windows.MODES]
+    if kind in ("columns", "features"):
+        items = [("score", "score")] if kind == "columns" else []
+        return items + [(f, f) for f in catalog.feature_names(model)]
+    if kind in ("segment_keys", "group_by"):
+        items = [("none", "none")] if kind == "group_by" else []
+        return items + [(k, k) for k in catalog.segment_keys(model)]
+    if kind == "segment_values":
+        if not key:
+            raise bad("segment_values needs a key", "key")
+        return [(v, v) for v in catalog.segment_values(model, key)]
+    return None
