@@ -1,5 +1,5 @@
 # The mlsli image: the datasource (gunicorn) by default; the loader runs the same image with
-# another command (see docker-compose.yml). Slim Python, pinned requirements, non-root.
+# another command (see docker-compose.yml). Slim Python, hashed lock file, non-root.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -9,10 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, so code changes do not reinstall them. Every runtime dependency has a
-# binary wheel for this base image: no compiler needed.
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+# Dependencies first, so code changes do not reinstall them: requirements.lock pins and hashes
+# every package requirements.txt pulls in (`make lock`), and leaves out the embedded
+# PostgreSQL (requirements-embedded.txt), which a container with DATABASE_URL never starts.
+# Every one has a binary wheel for this base image: no compiler needed.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 
 COPY datasource ./datasource
 COPY loader ./loader
@@ -22,8 +24,8 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin mlsli \
     && chown mlsli:mlsli /app/.data
 USER mlsli
 
-# DATABASE_URL must point at a PostgreSQL server (compose sets it); without it the app would
-# start an embedded PostgreSQL under DATA_DIR, which a container should not do.
+# DATABASE_URL must point at a PostgreSQL server (compose sets it); the image has no embedded
+# PostgreSQL to fall back on.
 ENV DATA_DIR=/app/.data \
     PORT=8080
 EXPOSE 8080
@@ -33,4 +35,4 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=5 \
 
 # Two workers with four threads each suit a small (2-core) machine: panels are short queries
 # that mostly wait on PostgreSQL. A panel taking longer than the timeout is a bug to report.
-CMD ["sh", "-c", "exec gunicorn --workers 2 --threads 4 --timeout 60 --bind 0.0.0.0:${PORT} --access-logfile - 'datasource:create_app()'"]
+CMD ["sh", "-c", "export PROMETHEUS_MULTIPROC_DIR=\"${PROMETHEUS_MULTIPROC_DIR:-/tmp/mlsli-prometheus}\" && exec gunicorn --workers 2 --threads 4 --timeout 60 -c datasource/gunicorn_conf.py --bind 0.0.0.0:${PORT} --access-logfile - 'datasource:create_app()'"]

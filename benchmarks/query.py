@@ -618,11 +618,18 @@ def profile_cases(url: str, cases: list[Case], reps: int, top: int) -> list[list
 
     pool.connection = connection
     saved = []
-    for module, category in ((store, "store"), (engine, "engine")):
+    from datasource.store import catalog, reads, writes
+
+    for module, category in ((catalog, "store"), (reads, "store"), (writes, "store"),
+                             (engine, "engine")):
         for name, fn in list(vars(module).items()):
             if inspect.isfunction(fn) and fn.__module__ == module.__name__:
                 saved.append((module, name, fn))
-                setattr(module, name, timers.wrap(fn, category))
+                wrapped = timers.wrap(fn, category)
+                setattr(module, name, wrapped)
+                if category == "store" and getattr(store, name, None) is fn:  # the re-export
+                    saved.append((store, name, fn))
+                    setattr(store, name, wrapped)
     saved.append((grafana, "_datapoints", grafana._datapoints))
     grafana._datapoints = timers.wrap(grafana._datapoints, "datapoints")
     app.json.dumps = timers.wrap(app.json.dumps, "JSON")

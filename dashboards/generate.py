@@ -1,7 +1,18 @@
 """The Grafana dashboards, written as Python; the JSON files beside this one are its output.
 
-    python dashboards/generate.py           # rewrite dashboards/*.json
+    python dashboards/generate.py           # rewrite dashboards/*.json and dashboards/infinity/*.json
     python dashboards/generate.py --check   # exit 1 when the committed JSON is stale
+
+Two flavours of every dashboard come from the one definition below:
+
+* ``dashboards/*.json``: Grafana 10-11 with ``simpod-json-datasource`` (``POST /query``);
+* ``dashboards/infinity/*.json``: Grafana 12+ with Grafana Labs' Infinity datasource
+  (``yesoreyeram-infinity-datasource``, backend parser, ``GET /api/v1/series``).
+
+Panels, variables and annotations are declared once; a flavour (``Simpod``, ``Infinity``)
+renders only the parts that differ: the datasource reference, each target, each query
+variable, the segment filter and the annotation query. ``build()`` renders every dashboard
+under each flavour in turn.
 
 Why generate: every panel needs the same datasource reference, payload shape,
 unit, thresholds and description, and the six "Prometheus, replaced" rows share
@@ -20,6 +31,12 @@ Conventions (see the protocol notes in the README and ``datasource/grafana.py``)
 * Query variables are answered by ``POST /variable`` (``models``,
   ``metrics $model``, ``columns $model``, ``windows``, ``modes``, ``group_by $model``); ad hoc
   filters (segments) come from ``/tag-keys`` and ``/tag-values``.
+* Infinity flavour: the datasource variable is of type ``yesoreyeram-infinity-datasource``
+  (default uid ``mlsli-infinity``); targets are ``GET /api/v1/series`` with the backend
+  parser, the variables as URL parameters (``${model:csv}``), ``${__from}``/``${__to}`` and
+  ``${__interval_ms}``; query variables are Infinity queries of ``/api/v1/variables/<name>``;
+  Infinity has no ad hoc filters, so segments are a ``filter`` textbox. Dashboard uids end in
+  ``-infinity`` so both flavours can live in one Grafana.
 """
 
 from __future__ import annotations
@@ -61,6 +78,186 @@ NEUTRAL = [("blue", None)]
 RATE = [("blue", None)]
 
 
+# ----------------------------------------------------------------------- flavours
+
+INFINITY = "yesoreyeram-infinity-datasource"
+INFINITY_VERSION = "3.11.1"
+INFINITY_UID = "mlsli-infinity"  # provisioning/datasources/mlsli-infinity.yaml
+INFINITY_NAME = "ML SLIs (Infinity)"
+INFINITY_DS = {"type": INFINITY, "uid": "${datasource}"}
+# The segment filter of the Infinity flavour: a textbox sent as the `filter` parameter; its
+# default is empty, which the server takes as no filter.
+NO_FILTER = ""
+# Columns of each table metric, as GET /api/v1/series answers them (datasource/engine.py); the
+# backend parser keeps only declared columns. tests/test_infinity_dashboards.py checks them.
+TABLE_COLUMNS = {
+    "confusion_matrix": (("actual", "string"), ("predicted 0", "number"),
+                         ("predicted 1", "number"), ("total", "number")),
+    "calibration": (("bin", "string"), ("lower", "number"), ("upper", "number"),
+                    ("mean score", "number"), ("observed rate", "number"), ("count", "number")),
+    "histogram": (("bin", "string"), ("lower", "number"), ("upper", "number"),
+                  ("count", "number")),
+    "drift_ranking": (("column", "string"), ("kind", "string"), ("values", "number"),
+                      ("psi", "number"), ("js_distance", "number"), ("ks_pvalue", "number"),
+                      ("ks_statistic", "number"), ("wasserstein", "number"),
+                      ("chi2_pvalue", "number"), ("chi2_statistic", "number")),
+}
+SERIES_COLUMNS = (("time", "timestamp_epoch"), ("value", "number"), ("series", "string"))
+ANNOTATION_COLUMNS = (("time", "time", "timestamp_epoch"), ("time_end", "timeEnd", "timestamp_epoch"),
+                      ("title", "title", "string"), ("text", "text", "string"),
+                      ("tags", "tags", "string"))
+
+
+def columns(spec) -> list[dict]:
+    """Infinity column declarations from (name, type) or (selector, text, type) tuples."""
+    out = []
+    for c in spec:
+        selector, text, kind = (c[0], c[0], c[1]) if len(c) == 2 else c
+        out.append({"selector": selector, "text": text, "type": kind})
+    return out
+
+
+class Simpod:
+    """Grafana 10-11, simpod-json-datasource 0.6.5: the original dashboards, unchanged."""
+
+    subdir = ""
+    ds = DS
+
+    def uid(self, uid: str) -> str:
+        return uid
+
+    def code(self, ref: str, metric: str, payload: dict) -> dict:
+        """A code-mode target: the payload is a JSON string; ``$var`` sits inside quotes."""
+        return {"refId": ref, "datasource": self.ds, "editorMode": "code", "target": metric,
+                "payload": json.dumps(payload, separators=(",", ":"))}
+
+    def builder(self, ref: str, metric: str, payload: dict) -> dict:
+        """A builder-mode target: the payload is an object of strings (regex-interpolated)."""
+        return {"refId": ref, "datasource": self.ds, "editorMode": "builder", "target": metric,
+                "payload": dict(payload)}
+
+    def datasource_variable(self) -> dict:
+        return {"type": "datasource", "name": "datasource", "label": "Datasource",
+                "query": PLUGIN, "current": {"selected": True, "text": DS_NAME, "value": DS_UID},
+                "options": [], "refresh": 1, "regex": "", "hide": 0, "multi": False,
+                "includeAll": False,
+                "description": "A simpod-json-datasource pointing at the mlsli server"}
+
+    def variable_query(self, query: str, name: str) -> dict:
+        return {"query": {"query": query, "format": "string", "refId": name},
+                "definition": query}
+
+    def segments_variable(self) -> dict:
+        return {"type": "adhoc", "name": "filters", "label": "Segments", "datasource": self.ds,
+                "filters": [], "hide": 0,
+                "description": "Restrict every panel to predictions whose segments match"}
+
+    def annotation(self) -> dict:
+        return {"name": "Model events", "enable": True, "hide": False, "iconColor": "purple",
+                "datasource": self.ds,
+                "target": self.code("Anno", "annotations", {"model": "$model"})}
+
+    def panel(self, panel: dict) -> dict:
+        return panel
+
+
+class Infinity(Simpod):
+    """Grafana 12+, Infinity 3.11: GET /api/v1/series with the backend parser.
+
+    Every query names its variables in URL parameters, so Grafana re-runs it when a dropdown
+    changes; ``${__from}``/``${__to}`` are epoch ms and ``${__interval_ms}`` the step. Series
+    come as flat rows (time, value, series): Infinity's long-to-wide step makes one series per
+    ``series`` label, which names the legend like the simpod flavour's target names.
+    """
+
+    subdir = "infinity"
+    ds = INFINITY_DS
+
+    def uid(self, uid: str) -> str:
+        return uid + "-infinity"
+
+    @staticmethod
+    def _value(value: str) -> str:
+        # ${model:csv}: the server splits on commas; Infinity's default format (glob) would
+        # send a multi-value as {a,b}.
+        return "${model:csv}" if value == "$model" else value
+
+    def target(self, ref: str, metric: str, payload: dict) -> dict:
+        is_table = payload.get("format") == "table" or (
+            metric in metric_registry.REGISTRY and metric_registry.REGISTRY[metric].kind == "table")
+        params = [{"key": "model", "value": self._value(payload.get("model", "$model"))},
+                  {"key": "metric", "value": metric}]
+        params += [{"key": k, "value": self._value(v)} for k, v in payload.items() if k != "model"]
+        params += [{"key": "filter", "value": "${filter}"},
+                   {"key": "from", "value": "${__from}"}, {"key": "to", "value": "${__to}"}]
+        if not is_table:
+            params.append({"key": "step", "value": "${__interval_ms}"})
+        spec = TABLE_COLUMNS[metric] if is_table else SERIES_COLUMNS
+        return {"refId": ref, "datasource": self.ds, "type": "json", "source": "url",
+                "parser": "backend", "format": "table" if is_table else "timeseries",
+                "url": "/api/v1/series",
+                "url_options": {"method": "GET", "data": "", "headers": [], "params": params},
+                "root_selector": "", "filterExpression": "", "computed_columns": [],
+                "columns": columns(spec)}
+
+    def code(self, ref: str, metric: str, payload: dict) -> dict:
+        return self.target(ref, metric, payload)
+
+    builder = code
+
+    def datasource_variable(self) -> dict:
+        return {"type": "datasource", "name": "datasource", "label": "Datasource",
+                "query": INFINITY,
+                "current": {"selected": True, "text": INFINITY_NAME, "value": INFINITY_UID},
+                "options": [], "refresh": 1, "regex": "", "hide": 0, "multi": False,
+                "includeAll": False,
+                "description": "An Infinity datasource whose base URL is the mlsli server"}
+
+    def variable_query(self, query: str, name: str) -> dict:
+        """``metrics $model`` (the simpod query) becomes GET /api/v1/variables/metrics?model=."""
+        kind, *args = query.split()
+        params = [{"key": "model", "value": self._value(a)} for a in args]
+        url = f"/api/v1/variables/{kind}"
+        infinity = {"refId": "variable", "type": "json", "source": "url", "parser": "backend",
+                    "format": "table", "url": url,
+                    "url_options": {"method": "GET", "data": "", "headers": [], "params": params},
+                    "root_selector": "",
+                    "columns": columns((("__text", "string"), ("__value", "string")))}
+        return {"query": {"queryType": "infinity", "refId": "variable", "infinityQuery": infinity},
+                "definition": url + "".join(f"?model={a}" for a in args)}
+
+    def segments_variable(self) -> dict:
+        return {"type": "textbox", "name": "filter", "label": "Segment filter",
+                "query": NO_FILTER, "hide": 0, "skipUrlSync": False,
+                "current": {"selected": False, "text": NO_FILTER, "value": NO_FILTER},
+                "options": [{"selected": True, "text": NO_FILTER, "value": NO_FILTER}],
+                "description": "Restrict every panel to predictions whose segment matches: "
+                               "key=value, key!=value, key=~regex or key!~regex (for example "
+                               "pickup_borough=Queens); empty keeps them all"}
+
+    def annotation(self) -> dict:
+        params = [{"key": "model", "value": "${model:csv}"},
+                  {"key": "metric", "value": "annotations"},
+                  {"key": "from", "value": "${__from}"}, {"key": "to", "value": "${__to}"}]
+        target = {"refId": "Anno", "datasource": self.ds, "type": "json", "source": "url",
+                  "parser": "backend", "format": "table", "url": "/api/v1/series",
+                  "url_options": {"method": "GET", "data": "", "headers": [], "params": params},
+                  "root_selector": "", "filterExpression": "", "computed_columns": [],
+                  "columns": columns(ANNOTATION_COLUMNS)}
+        return {"name": "Model events", "enable": True, "hide": False, "iconColor": "purple",
+                "datasource": self.ds, "target": target}
+
+    def panel(self, panel: dict) -> dict:
+        if panel["type"] in ("timeseries", "stat", "heatmap"):
+            # One series per `series` label after long-to-wide: name it like the simpod target.
+            panel["fieldConfig"]["defaults"]["displayName"] = "${__field.labels.series}"
+        return panel
+
+
+FLAVOURS = (Simpod(), Infinity())
+_flavour: Simpod = FLAVOURS[0]  # the one being rendered (build() switches it)
+
+
 # ----------------------------------------------------------------------- building blocks
 
 
@@ -89,15 +286,13 @@ def unit_overrides() -> list[dict]:
 
 
 def code_target(ref: str, metric: str, **payload: str) -> dict:
-    """A code-mode target: the payload is a JSON string; ``$var`` sits inside quotes."""
-    return {"refId": ref, "datasource": DS, "editorMode": "code", "target": metric,
-            "payload": json.dumps(payload, separators=(",", ":"))}
+    """A code-mode target (simpod) or its Infinity equivalent."""
+    return _flavour.code(ref, metric, payload)
 
 
 def builder_target(ref: str, metric: str, **payload: str) -> dict:
-    """A builder-mode target: the payload is an object of strings (regex-interpolated)."""
-    return {"refId": ref, "datasource": DS, "editorMode": "builder", "target": metric,
-            "payload": dict(payload)}
+    """A builder-mode target (simpod) or its Infinity equivalent."""
+    return _flavour.builder(ref, metric, payload)
 
 
 def _panel(kind: str, title: str, description: str, grid: tuple[int, int, int, int], *,
@@ -116,14 +311,14 @@ def _panel(kind: str, title: str, description: str, grid: tuple[int, int, int, i
     if custom:
         defaults["custom"] = custom
     panel = {"type": kind, "title": title, "description": description,
-             "gridPos": {"h": h, "w": w, "x": x, "y": y}, "datasource": DS,
+             "gridPos": {"h": h, "w": w, "x": x, "y": y}, "datasource": _flavour.ds,
              "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
              "options": options or {}}
     if targets is not None:
         panel["targets"] = targets
     if transformations:
         panel["transformations"] = transformations
-    return panel
+    return _flavour.panel(panel)
 
 
 def display_names(names: dict[str, str]) -> list[dict]:
@@ -207,19 +402,14 @@ def text(title, description, grid, content: str) -> dict:
 
 
 def datasource_variable() -> dict:
-    return {"type": "datasource", "name": "datasource", "label": "Datasource", "query": PLUGIN,
-            "current": {"selected": True, "text": DS_NAME, "value": DS_UID},
-            "options": [], "refresh": 1, "regex": "", "hide": 0, "multi": False,
-            "includeAll": False,
-            "description": "A simpod-json-datasource pointing at the mlsli server"}
+    return _flavour.datasource_variable()
 
 
 def query_variable(name: str, label: str, query: str, default: str, description: str) -> dict:
     """Answered by POST /variable; refreshed with the time range, so a dashboard opened
     before the loader registered the model fills its dropdowns at the next refresh."""
     return {"type": "query", "name": name, "label": label, "description": description,
-            "datasource": DS, "query": {"query": query, "format": "string", "refId": name},
-            "definition": query, "refresh": 2, "regex": "", "sort": 0, "multi": False,
+            "datasource": _flavour.ds, **_flavour.variable_query(query, name), "refresh": 2, "regex": "", "sort": 0, "multi": False,
             "includeAll": False, "hide": 0, "skipUrlSync": False,
             "current": {"selected": True, "text": default, "value": default}, "options": []}
 
@@ -233,15 +423,12 @@ def custom_variable(name: str, label: str, choices, default: str, description: s
 
 
 def adhoc_variable() -> dict:
-    return {"type": "adhoc", "name": "filters", "label": "Segments", "datasource": DS,
-            "filters": [], "hide": 0,
-            "description": "Restrict every panel to predictions whose segments match"}
+    """Segments: ad hoc filters (simpod) or a filter textbox (Infinity has no ad hoc filters)."""
+    return _flavour.segments_variable()
 
 
 def model_events_annotation() -> dict:
-    return {"name": "Model events", "enable": True, "hide": False, "iconColor": "purple",
-            "datasource": DS,
-            "target": code_target("Anno", "annotations", model="$model")}
+    return _flavour.annotation()
 
 
 def dashboard(uid: str, title: str, description: str, variables: list, panels: list) -> dict:
@@ -252,7 +439,7 @@ def dashboard(uid: str, title: str, description: str, variables: list, panels: l
             # coarse step and its "now" value would lag the replay.
             p["maxDataPoints"] = MAX_DATA_POINTS
     return {
-        "uid": uid, "title": title, "description": description, "tags": TAGS,
+        "uid": _flavour.uid(uid), "title": title, "description": description, "tags": TAGS,
         "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": True,
         "graphTooltip": 1, "timezone": "utc", "fiscalYearStartMonth": 0, "liveNow": False,
         "time": dict(TIME), "refresh": REFRESH,
@@ -415,7 +602,7 @@ def prometheus_replaced() -> dict:
     sliding = {"model": "$model", "window": "$window", "mode": "sliding"}
     five = {"model": "$model", "window": "5m", "mode": "sliding"}
     median = {"column": "score", "quantile": "0.5"}
-    mq = f"/d/{MODEL_QUALITY_UID}/model-quality?var-model=$model"
+    mq = f"/d/{_flavour.uid(MODEL_QUALITY_UID)}/model-quality?var-model=$model"
     panels = [text(
         "Six PromQL queries and what replaces them",
         "How each query of 'Failure Modes in Extending Prometheus' maps to this datasource.",
@@ -611,8 +798,17 @@ def render(board: dict) -> str:
 
 
 def build() -> dict[str, str]:
-    """File name -> JSON text of every dashboard."""
-    return {name: render(fn()) for name, fn in DASHBOARDS.items()}
+    """Path relative to dashboards/ -> JSON text of every dashboard in every flavour."""
+    global _flavour
+    out = {}
+    try:
+        for flavour in FLAVOURS:
+            _flavour = flavour
+            for name, fn in DASHBOARDS.items():
+                out[str(Path(flavour.subdir) / name)] = render(fn())
+    finally:
+        _flavour = FLAVOURS[0]
+    return out
 
 
 def main(argv=None) -> int:
@@ -628,6 +824,7 @@ def main(argv=None) -> int:
             if not path.exists() or path.read_text() != content:
                 stale.append(name)
             continue
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
         print(f"wrote {path}")
     if stale:

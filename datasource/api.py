@@ -8,16 +8,15 @@ Bearer <token>``; reads stay open because Grafana proxies them.
 from __future__ import annotations
 
 import hmac
-import json
 
 from flask import Blueprint, current_app, jsonify, request
 
-from datasource import ingest, store
+from datasource import http, ingest
 from datasource.records import BatchError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+NDJSON_TYPES = http.NDJSON_TYPES
 
 
 def _settings():
@@ -28,45 +27,31 @@ def _pool():
     return current_app.extensions["pool"]
 
 
+def _read_pool():
+    """DATABASE_READ_URL's pool (a SELECT-only role) when set, else the read-write one."""
+    return current_app.extensions.get("read_pool") or _pool()
+
+
 def _require_token() -> None:
+    """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token
+    compared in constant time."""
     token = _settings().ingest_token
     if not token:
         return
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    ok = hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not ok:
         raise BatchError("writes need 'Authorization: Bearer <INGEST_TOKEN>'", status=401)
 
 
 def _json_body() -> object:
-    mimetype = request.mimetype or ""
-    if mimetype != "application/json":
-        raise BatchError(f"unsupported content type {mimetype or 'none'!r}; send application/json",
-                         status=415)
-    return _parse_json(request.get_data(cache=False))
-
-
-def _parse_json(raw: bytes) -> object:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise BatchError(f"malformed JSON{where}: {getattr(e, 'msg', str(e))}") from None
+    return http.json_body(request)
 
 
 def _batch_body() -> tuple[object, object]:
     """(model, records) from a JSON object body or NDJSON lines with ?model=NAME."""
-    mimetype = request.mimetype or ""
-    if mimetype in NDJSON_TYPES:
-        recs = []
-        for n, line in enumerate(request.get_data(cache=False).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                recs.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BatchError(f"malformed JSON on NDJSON line {n}: {getattr(e, 'msg', str(e))}",
-                                 [{"index": len(recs), "field": "", "message": "malformed JSON"}]) from None
-        return request.args.get("model"), recs
+    if (request.mimetype or "") in http.NDJSON_TYPES:
+        return request.args.get("model"), http.ndjson_lines(request)
     body = _json_body()
     if not isinstance(body, dict):
         raise BatchError("body must be a JSON object {\"model\": NAME, \"records\": [...]}")
@@ -81,28 +66,19 @@ def register_model():
     body = _json_body()
     with _pool().connection() as conn:
         model, created = ingest.register_model(conn, body)
-    return jsonify(_model_json(model)), 201 if created else 200
-
-
-def _model_json(model: store.Model) -> dict:
-    return {"name": model.name, "task": model.task, "threshold": model.threshold,
-            "description": model.description, "created_at": model.created_at.isoformat()}
+    return jsonify(ingest.model_json(model)), 201 if created else 200
 
 
 @bp.get("/models")
 def list_models():
-    with _pool().connection() as conn:
-        return jsonify([_model_json(m) for m in store.list_models(conn)])
+    with _read_pool().connection() as conn:
+        return jsonify([ingest.model_json(m) for m in ingest.list_models(conn)])
 
 
 @bp.get("/models/<name>")
 def get_model(name: str):
-    with _pool().connection() as conn:
-        model = ingest.require_model(conn, name)
-        counts = store.table_counts(conn, model)
-        latest = store.latest_prediction_ts(conn, model)
-    return jsonify({**_model_json(model), **counts,
-                    "latest_prediction_ts": latest.isoformat() if latest else None})
+    with _read_pool().connection() as conn:
+        return jsonify(ingest.model_summary(conn, name))
 
 
 @bp.post("/predictions")

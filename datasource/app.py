@@ -14,10 +14,10 @@ import psycopg2.errors
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from datasource import db, store
+from datasource import db, exporter, http
 from datasource.config import Settings
 from datasource.engine import ComputeTimeout
-from datasource.records import BatchError
+from datasource.errors import ClientError
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,12 @@ def create_app(config: dict | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["settings"] = settings
 
-    url = db.resolve_url(settings.database_url, settings.data_dir)
-    conn = db.connect(url, statement_timeout_ms=0)
-    try:
-        db.migrate(conn)
-        store.check_schema(conn)
-    finally:
-        conn.close()
-    app.extensions["pool"] = db.Pool(url, settings.pool_size, settings.statement_timeout_ms)
+    http.init_app(app)  # NUL in a URL is a 400 on every endpoint
+    db.init_app(app, settings)  # pools and the readiness gate: starts with the database down
 
     from datasource import metrics
     from datasource.api import bp as api_bp
+    from datasource.browser import bp as browser_bp
     from datasource.grafana import bp as grafana_bp
     from datasource.series import bp as series_bp
 
@@ -48,13 +43,15 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(grafana_bp)
     app.register_blueprint(series_bp)
+    app.register_blueprint(browser_bp)
+    exporter.init_app(app)  # GET /metrics for Prometheus, request counters
     _register_errors(app)
     return app
 
 
 def _register_errors(app: Flask) -> None:
-    @app.errorhandler(BatchError)
-    def batch_error(e: BatchError):
+    @app.errorhandler(ClientError)
+    def client_error(e: ClientError):
         return jsonify(e.to_json()), e.status
 
     @app.errorhandler(HTTPException)

@@ -6,8 +6,8 @@ Two transports, one behaviour:
   the bulk path for backfills);
 * ``Client.remote(url)`` posts JSON batches to a running server.
 
-Both validate with ``datasource.records`` and write with ``datasource.store``
-(the remote one on the server side), so they leave identical tables behind.
+Both go through the write service ``datasource.ingest`` (the remote one on the
+server side), so they validate and write alike and leave identical tables behind.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from itertools import islice
 
-from datasource import db, ingest, records, store
+from datasource import db, ingest, records
 from datasource.config import Settings
 
 
@@ -135,19 +135,17 @@ class _Local:
         validating records overlaps with the upsert and rollup upkeep.
         """
         target = self._tx(ingest.require_model, model)
-        parse = records.parse_predictions if kind == "predictions" else records.parse_feedback
-        write = store.write_predictions if kind == "predictions" else store.write_feedback
 
         def prepare():
             batch = next(batches, None)
-            return None if batch is None else parse(batch, target.task, max(len(batch), 1))
+            return None if batch is None else ingest.parse_batch(kind, target, batch, max(len(batch), 1))
 
         total = 0
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare)
             while (rows := pending.result()) is not None:
                 pending = pool.submit(prepare)
-                total += self._tx(write, target, rows)
+                total += self._tx(ingest.write_rows, kind, target, rows)
         return total
 
     def add_event(self, model: str, body: dict) -> int:

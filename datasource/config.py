@@ -15,6 +15,8 @@ class Settings:
     """What the server and the client need to know about their surroundings."""
 
     database_url: str | None = None  # DATABASE_URL; None -> embedded PostgreSQL
+    database_read_url: str | None = None  # DATABASE_READ_URL: a SELECT-only role for reads (optional)
+    auto_migrate: int = 1  # AUTO_MIGRATE: 1 migrates a schema that is behind (if the role may); 0 answers 503
     data_dir: str = ".data"  # DATA_DIR: embedded PostgreSQL data, trained models
     ingest_token: str | None = None  # INGEST_TOKEN: when set, writes need a bearer token
     statement_timeout_ms: int = 10_000  # STATEMENT_TIMEOUT_MS: no query runs longer
@@ -22,6 +24,8 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024  # MAX_BODY_BYTES: request body limit
     pool_size: int = 8  # POOL_SIZE: connections per server process
     metrics_modules: tuple[str, ...] = field(default_factory=tuple)  # METRICS_MODULES (comma list)
+    export_config: str | None = None  # EXPORT_CONFIG: YAML of extra SLIs for GET /metrics
+    export_window_end: str = "now"  # EXPORT_WINDOW_END: now | latest (each model's last prediction)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:

@@ -1,8 +1,19 @@
-"""Connections: the embedded PostgreSQL or DATABASE_URL, a pool, migrations.
+"""Connections: the embedded PostgreSQL or DATABASE_URL, a pool, migrations, readiness.
 
 The same schema and SQL run on both kinds of server; only how we reach the
 server differs. Every connection carries a statement timeout so that no
 request can hang the process.
+
+Start-up never needs the database: ``init_app`` builds empty pools and a
+``Gate`` that, before each request until it has succeeded once, checks that
+the database answers and that its schema is the code's (``schema_version``
+and the rollup's partial set). Until then every endpoint answers a JSON 503,
+so gunicorn starts while PostgreSQL is still down and serves as soon as it is
+up. Migrating is the owner's job (``migrate_as_owner``); the server's own
+role needs only to read and write the data tables (``roles.sql``). With
+``AUTO_MIGRATE=1`` (the default, for the demo) the gate migrates when the
+schema is behind and its role may; otherwise it answers 503 "schema not
+migrated".
 """
 
 from __future__ import annotations
@@ -13,10 +24,12 @@ import json
 import logging
 import os
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 import psycopg2.pool
 
@@ -101,35 +114,57 @@ def _session_options(statement_timeout_ms: int) -> str:
             " -c work_mem=64MB")
 
 
+CONNECT_TIMEOUT_S = 5  # an unreachable host answers 503 after this, instead of hanging a worker
+
+
+def _connect_kwargs(url: str, statement_timeout_ms: int) -> dict:
+    kwargs = {"options": _session_options(statement_timeout_ms), "application_name": "mlsli"}
+    if "connect_timeout" not in url:
+        kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
+    return kwargs
+
+
 def connect(url: str, statement_timeout_ms: int = 10_000):
     """One connection with a statement timeout and UTC session time zone."""
-    conn = psycopg2.connect(
-        url,
-        options=_session_options(statement_timeout_ms),
-        application_name="mlsli",
-    )
-    return conn
+    return psycopg2.connect(url, **_connect_kwargs(url, statement_timeout_ms))
 
 
 class Pool:
     """A thread-safe pool that hands out connections as context managers.
 
     A connection comes back rolled back if the block raised, committed otherwise.
+    It opens connections on demand (none at construction: the database may be
+    down at start-up) and checks each one with ``SELECT 1`` before handing it
+    out, replacing those a database restart killed: without it, the first
+    requests after a restart got the dead connections and answered 503.
     """
 
     def __init__(self, url: str, size: int = 8, statement_timeout_ms: int = 10_000):
         self.url = url
+        self.size = size
         self._pool = psycopg2.pool.ThreadedConnectionPool(
-            1,
-            size,
-            url,
-            options=_session_options(statement_timeout_ms),
-            application_name="mlsli",
-        )
+            0, size, url, **_connect_kwargs(url, statement_timeout_ms))
+        # Opened none (minconn 0 at construction); keep up to ``size`` idle ones from now on
+        # (psycopg2 closes a returned connection when minconn are already idle).
+        self._pool.minconn = size
+
+    def _checked_out(self):
+        """A live connection; a dead pooled one is closed and replaced (at most ``size`` times)."""
+        for _ in range(self.size + 1):
+            conn = self._pool.getconn()  # OperationalError when the server is down: a 503
+            try:
+                if conn.closed:
+                    raise psycopg2.InterfaceError("connection already closed")
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                return conn
+            except psycopg2.Error:
+                self._pool.putconn(conn, close=True)
+        raise psycopg2.OperationalError("no live connection to the database")
 
     @contextlib.contextmanager
     def connection(self):
-        conn = self._pool.getconn()
+        conn = self._checked_out()
         broken = False
         try:
             yield conn
@@ -186,3 +221,184 @@ def migrate(conn) -> list[str]:
 
     store.sync_partials(conn)
     return applied_now
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+class NotReady(RuntimeError):
+    """The database does not answer, or its schema is behind the code: every request gets 503."""
+
+
+def migration_files() -> list[str]:
+    """The migration files this code knows, in order."""
+    return sorted(p.name for p in resources.files("datasource.migrations").iterdir()
+                  if p.name.endswith(".sql"))
+
+
+def pending_migrations(conn) -> list[str]:
+    """Migration files not recorded in ``schema_version`` (all of them on an empty database).
+
+    Needs only SELECT: the server's role checks the schema without being able to change it.
+    """
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            done = set()
+        else:
+            cur.execute("SELECT version FROM schema_version")
+            done = {r[0] for r in cur.fetchall()}
+    conn.rollback()
+    return [f for f in migration_files() if f not in done]
+
+
+def migrate_as_owner(url: str | None = None, *, data_dir: str | Path = ".data",
+                     rw_role: str | None = None, read_role: str | None = None) -> list[str]:
+    """The deploy step: apply pending migrations as the schema's owner, then grant the server's
+    roles (``roles.sql``) on every table, new ones included. Returns the files applied.
+
+    ``url``: the owner's URL (default DATABASE_URL, else the embedded server).
+    """
+    url = resolve_url(url or os.environ.get("DATABASE_URL") or None, data_dir)
+    conn = connect(url, statement_timeout_ms=0)
+    try:
+        applied = migrate(conn)
+        grant_roles(conn, rw_role=rw_role, read_role=read_role)
+    finally:
+        conn.close()
+    return applied
+
+
+def grant_roles(conn, *, rw_role: str | None = None, read_role: str | None = None) -> None:
+    """Grant ``rw_role`` read/write on the data tables and ``read_role`` SELECT only (roles exist).
+
+    The statements of ``roles.sql`` after its CREATE ROLE lines, idempotent, for roles named
+    by the caller; run as the owner after each migration.
+    """
+    from psycopg2 import sql
+
+    with conn.cursor() as cur:
+        for role, tables, sequences in ((rw_role, "SELECT, INSERT, UPDATE, DELETE", "USAGE, SELECT"),
+                                        (read_role, "SELECT", "SELECT")):
+            if not role:
+                continue
+            r = sql.Identifier(role)
+            cur.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(r))
+            cur.execute(sql.SQL(f"GRANT {tables} ON ALL TABLES IN SCHEMA public TO {{}}").format(r))
+            cur.execute(sql.SQL(f"GRANT {sequences} ON ALL SEQUENCES IN SCHEMA public TO {{}}").format(r))
+            cur.execute(sql.SQL(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT {tables} ON TABLES TO {{}}")
+                        .format(r))
+            cur.execute(sql.SQL(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT {sequences} ON SEQUENCES"
+                                " TO {}").format(r))
+    conn.commit()
+
+
+class Gate:
+    """Lets requests through once the database answered and its schema matched the code.
+
+    Checked lazily (at start-up and then before requests until it succeeds),
+    at most every ``retry_s`` seconds; once ready it stays ready: a database
+    that goes away later is a per-request 503 from the pool, not a gate matter.
+    """
+
+    def __init__(self, url: str, auto_migrate: bool = True, retry_s: float = 0.5):
+        self.url = url
+        self.auto_migrate = auto_migrate
+        self.retry_s = retry_s
+        self.ready = False
+        self._lock = threading.Lock()
+        self._last_try = -1e9
+        self._last_error = "the database is not checked yet"
+
+    def ensure(self) -> None:
+        """Return if ready, else try (or report the last failure) and raise NotReady."""
+        if self.ready:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise NotReady(f"starting: {self._last_error}")
+        try:
+            if self.ready:
+                return
+            if time.monotonic() - self._last_try >= self.retry_s:
+                self._last_try = time.monotonic()
+                self._last_error = self._check()
+                self.ready = self._last_error is None
+            if not self.ready:
+                raise NotReady(self._last_error)
+        finally:
+            self._lock.release()
+
+    def _check(self) -> str | None:
+        """None when ready, else why not."""
+        from datasource import store
+
+        try:
+            conn = connect(self.url, statement_timeout_ms=0)
+        except psycopg2.OperationalError as e:
+            log.warning("database unavailable: %s", str(e).strip())
+            return "the database is unavailable"
+        try:
+            pending = pending_migrations(conn)
+            if pending and not self.auto_migrate:
+                return (f"schema not migrated: {len(pending)} migration(s) pending ({pending[0]}…); "
+                        "run the migration step as the schema owner")
+            if pending:
+                migrate(conn)
+            try:
+                store.check_schema(conn)
+            except RuntimeError as e:
+                if not self.auto_migrate:
+                    return f"schema not migrated: {e}"
+                store.sync_partials(conn)
+                store.check_schema(conn)
+            return None
+        except psycopg2.OperationalError as e:
+            log.warning("database unavailable: %s", str(e).strip())
+            return "the database is unavailable"
+        except (psycopg2.Error, RuntimeError) as e:
+            log.error("schema check failed: %s", str(e).strip())
+            return (f"schema not migrated and this role cannot migrate it "
+                    f"({type(e).__name__}); run the migration step as the schema owner")
+        finally:
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+
+
+def init_app(app, settings) -> None:
+    """Pools and the readiness gate; never fails for want of a database.
+
+    ``app.extensions["pool"]``: the read-write pool (DATABASE_URL);
+    ``app.extensions["read_pool"]``: DATABASE_READ_URL's (a SELECT-only role) or the same pool.
+    """
+    from flask import jsonify
+
+    url = resolve_url(settings.database_url, settings.data_dir)
+    gate = Gate(url, auto_migrate=bool(settings.auto_migrate))
+    pool = Pool(url, settings.pool_size, settings.statement_timeout_ms)
+    read_url = getattr(settings, "database_read_url", None)
+    app.extensions["db_gate"] = gate
+    app.extensions["pool"] = pool
+    app.extensions["read_pool"] = (Pool(read_url, settings.pool_size, settings.statement_timeout_ms)
+                                   if read_url else pool)
+    app.before_request(gate.ensure)
+
+    @app.errorhandler(NotReady)
+    def not_ready(e: NotReady):
+        return jsonify({"message": str(e)}), 503
+
+    @app.errorhandler(psycopg2.InterfaceError)
+    def connection_gone(e):
+        # A connection the server closed under a request (a restart): the next one is checked.
+        log.warning("database connection lost: %s", str(e).strip())
+        return jsonify({"message": "the database is unavailable"}), 503
+
+    @app.errorhandler(psycopg2.errors.InsufficientPrivilege)
+    def no_privilege(e):
+        # The server's role may not do this (a write through a SELECT-only DATABASE_URL):
+        # the deployment's mistake, not the client's.
+        log.error("database role lacks a privilege: %s", str(e).strip())
+        return jsonify({"message": "the server's database role may not do this "
+                                   "(writes need the read-write role)"}), 503
+
+    with contextlib.suppress(NotReady):
+        gate.ensure()  # the first request need not wait; a database still down is fine

@@ -17,23 +17,23 @@ PSI_BINS = 10
 PSI_EPS = 1e-4  # proportion used for an empty bin, so PSI stays finite
 
 
-def summary(stat: str, values: np.ndarray, n_total: int, quantile: float = 0.5) -> float:
-    """mean, std (population, ddof 0), min, max, quantile (linear) or missing_rate of one window."""
-    if stat == "missing_rate":
-        return (n_total - len(values)) / n_total if n_total else np.nan
-    if len(values) == 0:
-        return np.nan
-    if stat == "mean":
-        return float(np.mean(values))
-    if stat == "std":
-        return float(np.std(values))
-    if stat == "min":
-        return float(np.min(values))
-    if stat == "max":
-        return float(np.max(values))
-    if stat == "quantile":
-        return float(np.quantile(values, quantile))
-    raise KeyError(stat)
+def missing_rate(values: np.ndarray, n_total: int, params: dict) -> float:
+    return (n_total - len(values)) / n_total if n_total else np.nan
+
+
+def _of_present(fn):
+    """A summary of the present values; an empty window is a gap."""
+    def stat(values: np.ndarray, n_total: int, params: dict) -> float:
+        return float(fn(values, params)) if len(values) else np.nan
+    stat.__doc__ = fn.__doc__
+    return stat
+
+
+mean = _of_present(lambda v, p: np.mean(v))
+std = _of_present(lambda v, p: np.std(v))  # population, ddof 0
+minimum = _of_present(lambda v, p: np.min(v))
+maximum = _of_present(lambda v, p: np.max(v))
+quantile = _of_present(lambda v, p: np.quantile(v, p.get("quantile", 0.5)))
 
 
 def histogram_edges(values: np.ndarray, bins: int | None) -> np.ndarray:
@@ -92,47 +92,63 @@ def psi_from_proportions(cur: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
 
-def numeric_drift(stat: str, values: np.ndarray, reference: np.ndarray) -> float:
-    """ks_statistic, ks_pvalue, psi, wasserstein or js_distance of a window against the reference."""
-    if len(values) == 0 or len(reference) == 0:
-        return np.nan
+def _of_samples(fn):
+    """A drift statistic of a window against the reference; empty on either side is a gap."""
+    def stat(values, reference) -> float:
+        if len(values) == 0 or len(reference) == 0:
+            return np.nan
+        return float(fn(values, reference))
+    return stat
+
+
+def _ks(values, reference):
     from scipy import stats
 
-    if stat in ("ks_statistic", "ks_pvalue"):
-        res = stats.ks_2samp(values, reference)
-        return float(res.statistic if stat == "ks_statistic" else res.pvalue)
-    if stat == "wasserstein":
-        return float(stats.wasserstein_distance(values, reference))
-    cur, ref = _binned_proportions(values, reference)
-    if stat == "psi":
-        return psi_from_proportions(cur, ref)
-    if stat == "js_distance":
-        from scipy.spatial.distance import jensenshannon
-
-        return float(jensenshannon(cur, ref, base=2))
-    raise KeyError(stat)
+    return stats.ks_2samp(values, reference)
 
 
-def categorical_drift(stat: str, values: list, reference: list) -> float:
-    """chi2_statistic, chi2_pvalue (scipy's chi2_contingency on window vs reference counts) or psi."""
-    if len(values) == 0 or len(reference) == 0:
-        return np.nan
+def _wasserstein(values, reference):
+    from scipy import stats
+
+    return stats.wasserstein_distance(values, reference)
+
+
+def _js(values, reference):
+    from scipy.spatial.distance import jensenshannon
+
+    return jensenshannon(*_binned_proportions(values, reference), base=2)
+
+
+ks_statistic = _of_samples(lambda v, r: _ks(v, r).statistic)
+ks_pvalue = _of_samples(lambda v, r: _ks(v, r).pvalue)
+wasserstein = _of_samples(_wasserstein)
+psi = _of_samples(lambda v, r: psi_from_proportions(*_binned_proportions(v, r)))
+js_distance = _of_samples(_js)
+
+
+def _category_counts(values: list, reference: list) -> tuple[np.ndarray, np.ndarray]:
     cats = sorted(set(values) | set(reference))
     index = {c: k for k, c in enumerate(cats)}
     cur = np.bincount([index[v] for v in values], minlength=len(cats)).astype(np.float64)
     ref = np.bincount([index[v] for v in reference], minlength=len(cats)).astype(np.float64)
-    if stat == "psi":
-        return psi_from_proportions(cur / cur.sum(), ref / ref.sum())
-    if stat in ("chi2_statistic", "chi2_pvalue"):
-        from scipy.stats import chi2_contingency
-
-        if len(cats) < 2:
-            return 0.0 if stat == "chi2_statistic" else 1.0
-        res = chi2_contingency(np.vstack([cur, ref]), correction=False)
-        return float(res.statistic if stat == "chi2_statistic" else res.pvalue)
-    raise KeyError(stat)
+    return cur, ref
 
 
-NUMERIC_SUMMARIES = ("mean", "std", "min", "max", "quantile", "missing_rate")
-NUMERIC_DRIFT = ("ks_statistic", "ks_pvalue", "psi", "wasserstein", "js_distance")
-CATEGORICAL_DRIFT = ("chi2_statistic", "chi2_pvalue", "psi")
+def _chi2(values: list, reference: list, field: str) -> float:
+    """scipy's chi2_contingency of window vs reference category counts (one category: no test)."""
+    from scipy.stats import chi2_contingency
+
+    cur, ref = _category_counts(values, reference)
+    if len(cur) < 2:
+        return 0.0 if field == "statistic" else 1.0
+    return getattr(chi2_contingency(np.vstack([cur, ref]), correction=False), field)
+
+
+def _category_psi(values: list, reference: list) -> float:
+    cur, ref = _category_counts(values, reference)
+    return psi_from_proportions(cur / cur.sum(), ref / ref.sum())
+
+
+chi2_statistic = _of_samples(lambda v, r: _chi2(v, r, "statistic"))
+chi2_pvalue = _of_samples(lambda v, r: _chi2(v, r, "pvalue"))
+category_psi = _of_samples(_category_psi)

@@ -23,13 +23,15 @@ import numpy as np
 import pandas as pd
 
 from datasource import distributions, store, windows
-from datasource.metrics import Metric
+from datasource.metrics import REGISTRY, Metric
 from datasource.store import PARTIALS, ROLLUP_BUCKET_S, Model
 
 TOP_GROUPS = 10
 OTHER = "other"
 NONE_VALUE = "(none)"
 _TOTAL_G = ROLLUP_BUCKET_S * 10**9  # one bucket that holds all time: for prefix sums
+# The drift ranking's statistics, PSI (what it ranks by) first.
+DRIFT_METRICS = sorted((m for m in REGISTRY.values() if m.kind == "drift"), key=lambda m: m.name != "psi")
 
 
 class QueryError(ValueError):
@@ -44,8 +46,7 @@ class ComputeTimeout(RuntimeError):
 class Query:
     model: Model
     metric: Metric
-    window: windows.Window
-    mode: str
+    window: windows.Window  # its kind says sliding, tumbling or cumulative
     threshold: float | None
     segset_ids: tuple[int, ...] | None  # None: every segment
     group_by: str | None
@@ -166,12 +167,17 @@ def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
             for g, part in df.groupby("group", sort=True)}
 
 
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise ComputeTimeout(f"{what} ran past the time budget")
+
+
 def partial_series(conn, q: Query, points: np.ndarray, step: int,
-                   memo: RequestMemo | None = None) -> list[Series]:
-    g = windows.bucket_width(q.window, step, q.mode)
-    span = windows.span_of(q.window, step, q.mode)
-    start = int(points[0]) - (span if span is not None else step)
-    n_buckets = (int(points[-1]) - start) // g
+                   memo: RequestMemo | None = None, deadline: float | None = None) -> list[Series]:
+    g = q.window.bucket(step)
+    start = q.window.grid_start(int(points[0]), step)
+    # Counted before any array of buckets exists (np.zeros below, the SQL read).
+    n_buckets = windows.grid_buckets(int(points[0]), int(points[-1]), step, q.window)
     if n_buckets > windows.MAX_GRID_BUCKETS:
         raise QueryError(f"window {q.window.text} at a {step}s step needs {n_buckets} buckets of "
                          f"{g}s; choose a window that is a multiple of the step")
@@ -179,7 +185,7 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int,
     df = _partials(conn, q, g=g, lo=start, hi=int(points[-1]), from_rollup=from_rollup, memo=memo)
     cols = _columns(q, memo)
     prefix_groups = {}
-    if span is None:
+    if q.window.cumulative:  # the sum before the grid's start, once
         prefix = _partials(conn, q, g=_TOTAL_G, lo=None, hi=start,
                            from_rollup=from_rollup and start % ROLLUP_BUCKET_S == 0, memo=memo)
         prefix_groups = {k: v[list(cols)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
@@ -188,16 +194,17 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int,
     by_group = _grouped(df, q)
     pidx = (points - start) // g
     for name in names:
+        _check_deadline(deadline, f"{q.metric.name} over {len(points)} points")
         part = by_group.get(name)
         dense = np.zeros((n_buckets + 1, len(cols)))
         if part is not None and not part.empty:
             idx = ((part["bucket_end"].to_numpy(np.int64) - start) // g)
             np.add.at(dense, idx, part[list(cols)].to_numpy(np.float64))
         csum = np.cumsum(dense, axis=0)  # csum[k]: buckets 1..k (bucket 0 is empty by construction)
-        if span is None:
+        if q.window.cumulative:
             win = csum[pidx] + prefix_groups.get(name, np.zeros(len(cols)))
         else:
-            win = csum[pidx] - csum[pidx - span // g]
+            win = csum[pidx] - csum[pidx - q.window.width(step) // g]
         sums = {c: win[:, j] for j, c in enumerate(cols)}
         values = np.asarray(q.metric.finalize(sums), dtype=np.float64)
         out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
@@ -238,10 +245,11 @@ class _Cache:
 CACHE = _Cache()
 
 
-def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> np.ndarray:
+def _window_revisions(conn, q: Query, points: np.ndarray, step: int) -> np.ndarray:
     """Highest write revision of any minute bucket overlapping each point's window."""
     m = ROLLUP_BUCKET_S
-    lo = None if span is None else (int(points[0]) - span) // m * m
+    earliest = q.window.earliest(int(points[0]), step)
+    lo = None if earliest is None else earliest // m * m
     hi = -(-int(points[-1]) // m) * m
     df = store.bucket_revisions(conn, q.model, lo_s=lo, hi_s=hi)
     if df.empty:
@@ -250,10 +258,10 @@ def _window_revisions(conn, q: Query, points: np.ndarray, span: int | None) -> n
     order = np.argsort(ends)
     ends, revs = ends[order], df["revision"].to_numpy(np.int64)[order]
     hi_idx = np.searchsorted(ends, -(-points // m) * m, side="right")
-    if span is None:
+    if q.window.cumulative:
         running = np.maximum.accumulate(revs)
         return np.where(hi_idx > 0, running[np.maximum(hi_idx - 1, 0)], 0)
-    lo_idx = np.searchsorted(ends, (points - span) // m * m, side="right")
+    lo_idx = np.searchsorted(ends, (points - q.window.width(step)) // m * m, side="right")
     return np.array([revs[a:b].max() if b > a else 0 for a, b in zip(lo_idx, hi_idx, strict=True)])
 
 
@@ -276,10 +284,9 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
     each point's value is cached with its window's write revision, and only
     the points whose window changed are recomputed (no rows read if none).
     """
-    span = windows.span_of(q.window, step, q.mode)
-    revisions = _window_revisions(conn, q, points, span)
-    key_base = (q.model.model_id, q.metric.name, q.window.text, q.mode, q.threshold,
-                q.segset_ids, q.group_by, q.params, step if q.mode == "tumbling" else None)
+    revisions = _window_revisions(conn, q, points, step)
+    key_base = (q.model.model_id, q.metric.name, q.window, q.threshold,
+                q.segset_ids, q.group_by, q.params, step if q.window.kind == windows.TUMBLING else None)
     todo = np.arange(len(points))
     vals = np.full(len(points), np.nan)
     if q.group_by is None:
@@ -294,15 +301,12 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
         if len(todo) == 0:
             return [Series("", points, vals)]
     need = points[todo]
-    rows = fetch(None if span is None else int(need[0]) - span, int(need[-1]))
+    rows = fetch(q.window.earliest(int(need[0]), step), int(need[-1]))
     out = []
     for name, part in _split_groups(rows, q).items():
         values = vals.copy()
         cols = {c: part[c].to_numpy() for c in part.columns if c != "group"}
-        ts = cols["ts_s"]
-        hi_idx = np.searchsorted(ts, points, side="right")
-        lo_idx = (np.zeros(len(points), dtype=np.int64) if span is None
-                  else np.searchsorted(ts, points - span, side="right"))
+        lo_idx, hi_idx = q.window.slices(cols["ts_s"], points, step)
         for n, i in enumerate(todo):
             if deadline is not None and n % 16 == 0 and time.monotonic() > deadline:
                 raise ComputeTimeout(f"{q.metric.name} over {len(todo)} windows ran past the time budget")
@@ -355,7 +359,7 @@ def column_values(conn, q: Query, col: Column, lo, hi):
 def column_series(conn, q: Query, points: np.ndarray, step: int,
                   deadline: float | None = None) -> list[Series]:
     """A distribution summary or a drift statistic of ``q.column`` on each window."""
-    col, stat, params = q.column, q.metric.name, q.param_dict
+    col, metric, params = q.column, q.metric, q.param_dict
 
     def fetch(lo, hi):
         return _fetch_column(conn, q, col, lo, hi)
@@ -363,12 +367,12 @@ def column_series(conn, q: Query, points: np.ndarray, step: int,
     def evaluate(cols, a, b):
         if not col.numeric:
             cats = [c for c in cols["cat"][a:b] if isinstance(c, str)]
-            return distributions.categorical_drift(stat, cats, q.reference)
+            return metric.categorical(cats, q.reference)
         v = cols["value"][a:b]
         present = v[~np.isnan(v)]
-        if q.metric.kind == "column":
-            return distributions.summary(stat, present, b - a, params.get("quantile", 0.5))
-        return distributions.numeric_drift(stat, present, q.reference)
+        if metric.kind == "column":
+            return metric.numeric(present, b - a, params)
+        return metric.numeric(present, q.reference)
 
     return _windowed(conn, q, points, step, deadline, fetch, evaluate)
 
@@ -379,7 +383,7 @@ def histogram_edges(conn, q: Query, from_s: float, to_s: float) -> np.ndarray:
 
 
 def histogram_series(conn, q: Query, points: np.ndarray, step: int, from_s: float,
-                     to_s: float) -> list[Series]:
+                     to_s: float, deadline: float | None = None) -> list[Series]:
     """Counts per bin on each window, one series per bin named by its upper edge (Grafana heatmap).
 
     The bins come from the values of the requested range, so they follow the data.
@@ -387,15 +391,15 @@ def histogram_series(conn, q: Query, points: np.ndarray, step: int, from_s: floa
     edges = histogram_edges(conn, q, from_s, to_s)
     if len(points) == 0:
         return []
-    span = windows.span_of(q.window, step, q.mode)
-    rows = _fetch_column(conn, q, q.column, None if span is None else int(points[0]) - span,
+    rows = _fetch_column(conn, q, q.column, q.window.earliest(int(points[0]), step),
                          int(points[-1]))
-    ts, v = rows["ts_s"].to_numpy(), rows["value"].to_numpy()
-    hi_idx = np.searchsorted(ts, points, side="right")
-    lo_idx = (np.zeros(len(points), dtype=np.int64) if span is None
-              else np.searchsorted(ts, points - span, side="right"))
-    counts = np.array([distributions.histogram_counts(v[a:b][~np.isnan(v[a:b])], edges)
-                       for a, b in zip(lo_idx, hi_idx, strict=True)], dtype=np.float64)
+    v = rows["value"].to_numpy()
+    lo_idx, hi_idx = q.window.slices(rows["ts_s"].to_numpy(), points, step)
+    counts = np.empty((len(points), len(edges) - 1), dtype=np.float64)
+    for i, (a, b) in enumerate(zip(lo_idx, hi_idx, strict=True)):
+        if i % 64 == 0:
+            _check_deadline(deadline, f"histogram over {len(points)} windows")
+        counts[i] = distributions.histogram_counts(v[a:b][~np.isnan(v[a:b])], edges)
     return [Series(_edge_label(edges[k + 1]), points, counts[:, k]) for k in range(len(edges) - 1)]
 
 
@@ -419,13 +423,11 @@ def drift_table(conn, q: Query, from_s: float, to_s: float, columns_refs: list) 
     out = []
     for col, ref in columns_refs:
         cur = column_values(conn, q, col, from_s, to_s)
-        if col.numeric:
-            stats = {k: distributions.numeric_drift(k, cur, ref) for k in distributions.NUMERIC_DRIFT}
-        else:
-            stats = {k: distributions.categorical_drift(k, cur, ref) for k in distributions.CATEGORICAL_DRIFT}
+        stats = {m.name: (m.numeric if col.numeric else m.categorical)(cur, ref)
+                 for m in DRIFT_METRICS if (m.numeric if col.numeric else m.categorical)}
         out.append((col, len(cur), stats))
     out.sort(key=lambda r: (-np.nan_to_num(r[2]["psi"], nan=-1.0), r[0].name))
-    names = ["psi", "ks_statistic", "ks_pvalue", "wasserstein", "js_distance", "chi2_statistic", "chi2_pvalue"]
+    names = [m.name for m in DRIFT_METRICS]
     columns = [{"text": "column", "type": "string"}, {"text": "kind", "type": "string"},
                {"text": "values", "type": "number"}] + [{"text": n, "type": "number"} for n in names]
     rows = []
@@ -445,7 +447,7 @@ def series(conn, q: Query, points: np.ndarray, step: int,
     if len(points) == 0:
         return [] if q.group_by else [Series("", points, np.empty(0))]
     if q.metric.kind == "partial":
-        return partial_series(conn, q, points, step, memo)
+        return partial_series(conn, q, points, step, memo, deadline)
     if q.metric.kind in ("column", "drift"):
         return column_series(conn, q, points, step, deadline)
     return raw_series(conn, q, points, step, deadline)
@@ -462,7 +464,7 @@ def _range_rows(conn, q: Query, from_s: float, to_s: float) -> pd.DataFrame:
 def confusion_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
     """Actual x predicted counts for labeled predictions with ts in (from, to]."""
     aligned = from_s % ROLLUP_BUCKET_S == 0 and to_s % ROLLUP_BUCKET_S == 0
-    ungrouped = Query(q.model, q.metric, q.window, q.mode, q.threshold, q.segset_ids, None,
+    ungrouped = Query(q.model, q.metric, q.window, q.threshold, q.segset_ids, None,
                       q.segsets, q.params)
     needed = RequestMemo(("fp", "n_lab", "sum_label", "tp"))
     df = _partials(conn, ungrouped, g=_TOTAL_G, lo=int(from_s) if aligned else from_s,

@@ -14,9 +14,9 @@ import re
 import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 
-from datasource import engine, query, windows
+from datasource import browser, engine, http, query, windows
 from datasource import metrics as metric_registry
-from datasource.records import BatchError
+from datasource.errors import ClientError
 
 bp = Blueprint("grafana", __name__)
 
@@ -26,25 +26,19 @@ _VAR_REF = re.compile(r"^\$(\w+)$|^\$\{(\w+)(?::[\w:]+)?\}$|^\[\[(\w+)\]\]$")
 
 
 def _pool():
-    return current_app.extensions["pool"]
+    """Every route here only reads: the read-only role's pool where DATABASE_READ_URL is set."""
+    return current_app.extensions.get("read_pool") or current_app.extensions["pool"]
 
 
 def _body() -> dict:
-    raw = request.get_data(cache=False)
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BatchError(f"request body is not valid JSON: {getattr(e, 'msg', str(e))}") from None
-    if not isinstance(body, dict):
-        raise BatchError("request body must be a JSON object")
-    return body
+    """The request's JSON object (the one body parser: application/json only, depth, NUL and
+    NaN checked); a blank body is {} as the plugin sends for some calls."""
+    return http.json_body(request, expect=dict, empty={})
 
 
-def _bad(message: str, field: str | None = None) -> BatchError:
+def _bad(message: str, field: str | None = None) -> ClientError:
     errors = [{"index": None, "field": field, "message": message}] if field else None
-    return BatchError(message, errors)
+    return ClientError(message, errors)
 
 
 # ----------------------------------------------------------------------- variable values
@@ -145,6 +139,9 @@ def _datapoints(s: engine.Series) -> list:
 
 @bp.get("/")
 def health():
+    """The health check the plugins call; a browser (Accept: text/html) gets the SLI browser."""
+    if browser.wants_html(request):
+        return browser.page_response()
     if not query.health(_pool()):
         return jsonify({"status": "error", "message": "the database does not answer"}), 503
     return jsonify({"status": "ok", "message": "database answers"})

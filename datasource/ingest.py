@@ -32,16 +32,33 @@ def register_model(conn, body: object) -> tuple[store.Model, bool]:
                                  status=409) from None
 
 
-def write_predictions(conn, model_name: object, recs: object, max_records: int) -> int:
+KINDS = ("predictions", "feedback")
+
+
+def parse_batch(kind: str, model: store.Model, recs: object, max_records: int):
+    """Validate one batch of ``kind`` records for ``model`` (no database work: the bulk client
+    runs it in a thread while PostgreSQL writes the previous batch)."""
+    parse = records.parse_predictions if kind == "predictions" else records.parse_feedback
+    return parse(recs, model.task, max_records)
+
+
+def write_rows(conn, kind: str, model: store.Model, rows) -> int:
+    """Upsert validated rows with rollup upkeep, in the caller's transaction."""
+    write = store.write_predictions if kind == "predictions" else store.write_feedback
+    return write(conn, model, rows)
+
+
+def write_batch(conn, kind: str, model_name: object, recs: object, max_records: int) -> int:
     model = require_model(conn, model_name)
-    rows = records.parse_predictions(recs, model.task, max_records)
-    return store.write_predictions(conn, model, rows)
+    return write_rows(conn, kind, model, parse_batch(kind, model, recs, max_records))
+
+
+def write_predictions(conn, model_name: object, recs: object, max_records: int) -> int:
+    return write_batch(conn, "predictions", model_name, recs, max_records)
 
 
 def write_feedback(conn, model_name: object, recs: object, max_records: int) -> int:
-    model = require_model(conn, model_name)
-    rows = records.parse_feedback(recs, model.task, max_records)
-    return store.write_feedback(conn, model, rows)
+    return write_batch(conn, "feedback", model_name, recs, max_records)
 
 
 def add_event(conn, model_name: object, body: dict) -> int:
@@ -84,3 +101,21 @@ def set_reference(conn, model_name: object, body: object) -> int:
 
 def latest_prediction_ts(conn, model_name: str) -> datetime | None:
     return store.latest_prediction_ts(conn, require_model(conn, model_name))
+
+
+def model_json(model: store.Model) -> dict:
+    """A model as the API shows it."""
+    return {"name": model.name, "task": model.task, "threshold": model.threshold,
+            "description": model.description, "created_at": model.created_at.isoformat()}
+
+
+def list_models(conn) -> list[store.Model]:
+    return store.list_models(conn)
+
+
+def model_summary(conn, name: object) -> dict:
+    """One model with its row counts and latest prediction time (404 when unknown)."""
+    model = require_model(conn, name)
+    latest = store.latest_prediction_ts(conn, model)
+    return {**model_json(model), **store.table_counts(conn, model),
+            "latest_prediction_ts": latest.isoformat() if latest else None}

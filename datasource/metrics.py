@@ -15,13 +15,14 @@ Undefined values (0/0, one class only) are ``nan`` here and gaps in Grafana.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from datasource import distributions as dist
+from datasource.store import PARTIALS
 
 CLF = "binary_classification"
 REG = "regression"
@@ -34,40 +35,42 @@ class MetricError(ValueError):
 
 @dataclass(frozen=True)
 class Metric:
+    """One declared metric: what it is, what it reads, how it is computed and shown.
+
+    ``kind`` says how the engine evaluates it:
+
+    * ``partial``: ``finalize`` over the summed partials named in ``needs``;
+    * ``raw``: ``raw(window)`` on the joined rows of each window;
+    * ``column``: ``numeric(values, n_total, params)`` on a column's values per window;
+    * ``drift``: ``numeric(window, reference)`` / ``categorical(window, reference)`` per window;
+    * ``histogram``: counts per data-driven bin; ``table``: one table over the range.
+    """
+
     name: str
     label: str
     description: str
     tasks: frozenset
-    kind: str  # "partial" | "raw" | "table"
+    kind: str
     unit: str = "percentunit"
     finalize: Callable | None = None  # partial: dict[str, ndarray] -> ndarray
+    needs: tuple[str, ...] = ()  # partial: the partial columns (store.PARTIALS) it reads
     uses_threshold: bool = False
     # raw: fn(window) -> float, where window has y_true, y_score, y_pred, delay, params
     raw: Callable | None = None
+    numeric: Callable | None = None  # column and drift metrics on a numeric column
+    categorical: Callable | None = None  # drift metrics on a segment column
     labeled_only: bool = True
     payloads: tuple = field(default_factory=tuple)  # extra payload field names
     source: str = "builtin"
 
     @property
-    def needs(self) -> tuple[str, ...]:
-        """The partials a partial metric's finalizer reads (found by running it once)."""
-        if self.finalize is None:
+    def column_kinds(self) -> tuple[str, ...]:
+        """Which columns a column metric takes: ``numeric`` (score, features), ``segment``."""
+        if "column" not in self.payloads:
             return ()
-        return _needs(self.finalize)
-
-
-@functools.cache
-def _needs(finalize) -> tuple[str, ...]:
-    seen: set[str] = set()
-
-    class Probe(dict):
-        def __missing__(self, key):
-            seen.add(key)
-            return np.ones(1)
-
-    with np.errstate(all="ignore"):
-        finalize(Probe())
-    return tuple(sorted(seen))
+        if self.kind == "histogram":
+            return ("numeric",)
+        return tuple(k for k, fn in (("numeric", self.numeric), ("segment", self.categorical)) if fn)
 
 
 def _div(num, den):
@@ -131,6 +134,43 @@ def _mcc(p):
     tp, fp, fn, tn, _ = _cm(p)
     den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return _div(tp * tn - fp * fn, den)
+
+
+def _expected_cm(p):
+    """CBPE's expected confusion counts over all predictions, scores taken as calibrated
+    probabilities: E[TP] = Σ_{ŷ=1} s, E[FP] = Σ_{ŷ=1} (1 - s), E[FN] = Σ_{ŷ=0} s,
+    E[TN] = Σ_{ŷ=0} (1 - s). Mergeable: n_pred, n_pred_pos, sum_score and sum_score_pos."""
+    tp = np.asarray(p["sum_score_pos"], dtype=np.float64)
+    fp = p["n_pred_pos"] - tp
+    fn = p["sum_score"] - tp
+    tn = p["n_pred"] - p["n_pred_pos"] - fn
+    return tp, fp, fn, tn
+
+
+def _estimated(fn):
+    def finalize(p):
+        tp, fp, fn_, tn = _expected_cm(p)
+        return fn(tp, fp, fn_, tn)
+    return finalize
+
+
+def estimated_roc_auc(y_score: np.ndarray) -> float:
+    """ROC AUC expected from the scores alone: each prediction counts as s positives and 1 - s
+    negatives; a pair ranked correctly scores 1, a tie 1/2 (as roc_auc_score on those weights)."""
+    if len(y_score) == 0:
+        return np.nan
+    order = np.argsort(-y_score, kind="mergesort")
+    s = y_score[order]
+    pos, neg = s, 1.0 - s
+    # group ties: a distinct score is one step of the curve
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(pos)[last]
+    fps = np.cumsum(neg)[last]
+    if tps[-1] <= 0 or fps[-1] <= 0:
+        return np.nan
+    tpr = np.r_[0.0, tps / tps[-1]]
+    fpr = np.r_[0.0, fps / fps[-1]]
+    return float(np.trapezoid(tpr, fpr))
 
 
 def _non_empty(p, values):
@@ -219,54 +259,77 @@ def _mape(w) -> float:
 # ----------------------------------------------------------------------- registry
 
 _P = "partial"
+_CM = ("fp", "n_lab", "sum_label", "tp")  # the confusion matrix: fn and tn follow
+_EST = ("n_pred", "n_pred_pos", "sum_score", "sum_score_pos")  # CBPE's expected confusion matrix
 _BUILTINS: list[Metric] = [
     Metric("accuracy", "Accuracy", "Share of labeled predictions that are right at the threshold.",
-           frozenset({CLF}), _P, finalize=_accuracy, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_accuracy, needs=_CM, uses_threshold=True),
     Metric("precision", "Precision", "Of predicted positives, the share labeled positive.",
-           frozenset({CLF}), _P, finalize=_precision, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_precision, needs=_CM, uses_threshold=True),
     Metric("recall", "Recall", "Of labeled positives, the share predicted positive (TPR).",
-           frozenset({CLF}), _P, finalize=_recall, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_recall, needs=_CM, uses_threshold=True),
     Metric("f1", "F1", "Harmonic mean of precision and recall.",
-           frozenset({CLF}), _P, finalize=_f1, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_f1, needs=_CM, uses_threshold=True),
     Metric("specificity", "Specificity", "Of labeled negatives, the share predicted negative (TNR).",
-           frozenset({CLF}), _P, finalize=_specificity, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_specificity, needs=_CM, uses_threshold=True),
     Metric("balanced_accuracy", "Balanced accuracy", "Mean of recall and specificity.",
-           frozenset({CLF}), _P, finalize=_balanced_accuracy, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_balanced_accuracy, needs=_CM, uses_threshold=True),
     Metric("false_positive_rate", "False positive rate", "Of labeled negatives, the share predicted positive.",
-           frozenset({CLF}), _P, finalize=_fpr, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_fpr, needs=_CM, uses_threshold=True),
     Metric("false_negative_rate", "False negative rate", "Of labeled positives, the share predicted negative.",
-           frozenset({CLF}), _P, finalize=_fnr, uses_threshold=True),
+           frozenset({CLF}), _P, finalize=_fnr, needs=_CM, uses_threshold=True),
     Metric("mcc", "Matthews correlation", "Correlation between predicted and observed classes (-1..1).",
-           frozenset({CLF}), _P, unit="none", finalize=_mcc, uses_threshold=True),
+           frozenset({CLF}), _P, unit="none", finalize=_mcc, needs=_CM, uses_threshold=True),
     Metric("log_loss", "Log loss", "Mean cross-entropy of the scores (scores clipped to [eps, 1-eps]).",
-           frozenset({CLF}), _P, unit="none", finalize=lambda p: _div(p["sum_logloss"], p["n_lab"])),
+           frozenset({CLF}), _P, unit="none", finalize=lambda p: _div(p["sum_logloss"], p["n_lab"]), needs=("n_lab", "sum_logloss")),
     Metric("brier_score", "Brier score", "Mean squared difference between score and label.",
-           frozenset({CLF}), _P, unit="none", finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"])),
+           frozenset({CLF}), _P, unit="none", finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"]), needs=("n_lab", "sum_sq_err")),
     Metric("positive_rate", "Predicted positive rate", "Share of all predictions at or above the threshold.",
            frozenset({CLF}), _P, finalize=lambda p: _div(p["n_pred_pos"], p["n_pred"]),
-           uses_threshold=True, labeled_only=False),
+           uses_threshold=True, labeled_only=False, needs=("n_pred", "n_pred_pos")),
     Metric("base_rate", "Observed positive rate", "Share of labeled predictions whose label is 1.",
-           frozenset({CLF}), _P, finalize=lambda p: _div(p["sum_label"], p["n_lab"])),
+           frozenset({CLF}), _P, finalize=lambda p: _div(p["sum_label"], p["n_lab"]), needs=("n_lab", "sum_label")),
     Metric("mean_score", "Mean score", "Mean model output over all predictions.",
-           BOTH, _P, unit="none", finalize=lambda p: _div(p["sum_score"], p["n_pred"]), labeled_only=False),
+           BOTH, _P, unit="none", finalize=lambda p: _div(p["sum_score"], p["n_pred"]), labeled_only=False, needs=("n_pred", "sum_score")),
     Metric("prediction_count", "Predictions", "Number of predictions in the window.",
-           BOTH, _P, unit="short", finalize=lambda p: _non_empty(p, p["n_pred"]), labeled_only=False),
+           BOTH, _P, unit="short", finalize=lambda p: _non_empty(p, p["n_pred"]), labeled_only=False, needs=("n_pred",)),
     Metric("label_count", "Labeled predictions", "Predictions in the window whose feedback has arrived.",
-           BOTH, _P, unit="short", finalize=lambda p: _non_empty(p, p["n_lab"]), labeled_only=False),
+           BOTH, _P, unit="short", finalize=lambda p: _non_empty(p, p["n_lab"]), labeled_only=False, needs=("n_lab",)),
     Metric("label_coverage", "Label coverage", "Labeled predictions / predictions.",
-           BOTH, _P, finalize=lambda p: _div(p["n_lab"], p["n_pred"]), labeled_only=False),
+           BOTH, _P, finalize=lambda p: _div(p["n_lab"], p["n_pred"]), labeled_only=False, needs=("n_lab", "n_pred")),
+    Metric("estimated_accuracy", "Estimated accuracy (CBPE)",
+           "Expected accuracy over all predictions, labeled or not, scores taken as calibrated.",
+           frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(tp + tn, tp + fp + fn + tn)),
+           needs=_EST, uses_threshold=True, labeled_only=False),
+    Metric("estimated_precision", "Estimated precision (CBPE)",
+           "Expected precision over all predictions, scores taken as calibrated.",
+           frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(tp, tp + fp)),
+           needs=_EST, uses_threshold=True, labeled_only=False),
+    Metric("estimated_recall", "Estimated recall (CBPE)",
+           "Expected recall over all predictions, scores taken as calibrated.",
+           frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(tp, tp + fn)),
+           needs=_EST, uses_threshold=True, labeled_only=False),
+    Metric("estimated_f1", "Estimated F1 (CBPE)",
+           "Expected F1 over all predictions, scores taken as calibrated.",
+           frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(2 * tp, 2 * tp + fp + fn)),
+           needs=_EST, uses_threshold=True, labeled_only=False),
+    Metric("estimated_roc_auc", "Estimated ROC AUC (CBPE)",
+           "ROC AUC expected from the scores of all predictions, each counting s positive and 1 - s negative.",
+           frozenset({CLF}), "raw", unit="none", raw=lambda w: estimated_roc_auc(w.y_score),
+           labeled_only=False),
     Metric("mae", "MAE", "Mean absolute error.", frozenset({REG}), _P, unit="none",
-           finalize=lambda p: _div(p["sum_abs_err"], p["n_lab"])),
+           finalize=lambda p: _div(p["sum_abs_err"], p["n_lab"]), needs=("n_lab", "sum_abs_err")),
     Metric("mse", "MSE", "Mean squared error.", frozenset({REG}), _P, unit="none",
-           finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"])),
+           finalize=lambda p: _div(p["sum_sq_err"], p["n_lab"]), needs=("n_lab", "sum_sq_err")),
     Metric("rmse", "RMSE", "Root mean squared error.", frozenset({REG}), _P, unit="none",
-           finalize=lambda p: np.sqrt(_div(p["sum_sq_err"], p["n_lab"]))),
+           finalize=lambda p: np.sqrt(_div(p["sum_sq_err"], p["n_lab"])), needs=("n_lab", "sum_sq_err")),
     # R² runs on raw rows: from sums, 1 - SSres/(Σy² - (Σy)²/n) loses digits when the labels of
     # a window are nearly equal; scikit-learn's two passes do not.
-    Metric("r2", "R²", "Coefficient of determination (needs 2+ labeled predictions).",
+    Metric("r2", "R²", "Coefficient of determination (needs 2+ labeled predictions); on raw rows, as from sums it "
+           "loses digits when a window's labels are nearly equal.",
            frozenset({REG}), "raw", unit="none", raw=_r2),
     Metric("mean_error", "Mean error (bias)", "Mean of prediction minus label.",
-           frozenset({REG}), _P, unit="none", finalize=lambda p: _div(p["sum_err"], p["n_lab"])),
+           frozenset({REG}), _P, unit="none", finalize=lambda p: _div(p["sum_err"], p["n_lab"]), needs=("n_lab", "sum_err")),
     Metric("mape", "MAPE", "Mean absolute percentage error (scikit-learn's definition).",
            frozenset({REG}), "raw", unit="none", raw=_mape),
     Metric("roc_auc", "ROC AUC", "Area under the ROC curve (needs both classes).",
@@ -285,42 +348,61 @@ _BUILTINS: list[Metric] = [
            frozenset({CLF}), "table", unit="none"),
 ]
 
+_COL = ("column",)
+_REF = ("column", "reference")
 _DISTRIBUTIONS: list[Metric] = [
     Metric("mean", "Mean", "Mean of the column (payload 'column': score or a feature) over the window.",
-           BOTH, "column", unit="none", payloads=("column",)),
+           BOTH, "column", unit="none", payloads=_COL, numeric=dist.mean),
     Metric("std", "Standard deviation", "Population standard deviation (ddof 0) of the column.",
-           BOTH, "column", unit="none", payloads=("column",)),
-    Metric("min", "Minimum", "Smallest value of the column.", BOTH, "column", unit="none", payloads=("column",)),
-    Metric("max", "Maximum", "Largest value of the column.", BOTH, "column", unit="none", payloads=("column",)),
+           BOTH, "column", unit="none", payloads=_COL, numeric=dist.std),
+    Metric("min", "Minimum", "Smallest value of the column.", BOTH, "column", unit="none",
+           payloads=_COL, numeric=dist.minimum),
+    Metric("max", "Maximum", "Largest value of the column.", BOTH, "column", unit="none",
+           payloads=_COL, numeric=dist.maximum),
     Metric("quantile", "Quantile", "Exact quantile (payload 'quantile', default 0.5; linear interpolation).",
-           BOTH, "column", unit="none", payloads=("column", "quantile")),
+           BOTH, "column", unit="none", payloads=("column", "quantile"), numeric=dist.quantile),
     Metric("missing_rate", "Missing rate", "Share of predictions without a value for the column.",
-           BOTH, "column", payloads=("column",)),
-    Metric("histogram", "Histogram", "Counts per bin (Freedman–Diaconis over the range, or payload 'bins'): "
-           "one series per bin for a heatmap, or a table with payload format=table.",
+           BOTH, "column", payloads=_COL, numeric=dist.missing_rate),
+    Metric("histogram", "Histogram", "Counts per bin chosen from the range's values (Freedman–Diaconis, at most 200 bins, or "
+           "payload 'bins' 1-1000): one series per bin named by its upper edge for a heatmap, or a "
+           "table with payload format=table.",
            BOTH, "histogram", unit="short", payloads=("column", "bins", "format")),
     Metric("ks_statistic", "KS statistic", "Two-sample Kolmogorov–Smirnov statistic against the reference.",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
+           BOTH, "drift", unit="none", payloads=_REF, numeric=dist.ks_statistic),
     Metric("ks_pvalue", "KS p-value", "Two-sample Kolmogorov–Smirnov p-value (scipy) against the reference.",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
-    Metric("psi", "PSI", "Population stability index over the reference's deciles (or categories).",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
+           BOTH, "drift", unit="none", payloads=_REF, numeric=dist.ks_pvalue),
+    Metric("psi", "PSI", "Population stability index over the reference's deciles, bins (q_k-1, q_k], an empty bin counting as 1e-4; one bin per value when the reference has at most 10 distinct values; over categories for a segment.",
+           BOTH, "drift", unit="none", payloads=_REF, numeric=dist.psi, categorical=dist.category_psi),
     Metric("wasserstein", "Wasserstein distance", "Earth mover's distance to the reference.",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
+           BOTH, "drift", unit="none", payloads=_REF, numeric=dist.wasserstein),
     Metric("js_distance", "Jensen–Shannon distance", "JS distance (base 2) over the reference's deciles.",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
+           BOTH, "drift", unit="none", payloads=_REF, numeric=dist.js_distance),
     Metric("chi2_statistic", "Chi² statistic", "Chi-squared test of a segment's category counts vs the reference.",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
+           BOTH, "drift", unit="none", payloads=_REF, categorical=dist.chi2_statistic),
     Metric("chi2_pvalue", "Chi² p-value", "p-value of the chi-squared test of category counts vs the reference.",
-           BOTH, "drift", unit="none", payloads=("column", "reference")),
+           BOTH, "drift", unit="none", payloads=_REF, categorical=dist.chi2_pvalue),
     Metric("drift_ranking", "Drift ranking", "Every column with a reference, ranked by PSI over the range.",
            BOTH, "table", unit="none", payloads=("reference",)),
 ]
-NUMERIC_ONLY = {"mean", "std", "min", "max", "quantile", "missing_rate", "histogram", "ks_statistic", "ks_pvalue",
-                "wasserstein", "js_distance"}
-CATEGORICAL_ONLY = {"chi2_statistic", "chi2_pvalue"}
 
 REGISTRY: dict[str, Metric] = {m.name: m for m in _BUILTINS + _DISTRIBUTIONS}
+
+
+def _check_declarations(metrics) -> None:
+    """A declaration that cannot be evaluated fails at import, not on a dashboard."""
+    for m in metrics:
+        if m.kind == "partial" and (not m.needs or set(m.needs) - set(PARTIALS) or not m.finalize):
+            raise ValueError(f"partial metric {m.name} must name declared partials in needs")
+        if m.kind == "raw" and m.raw is None:
+            raise ValueError(f"raw metric {m.name} has no function")
+        if m.kind in ("column", "drift") and not m.column_kinds:
+            raise ValueError(f"column metric {m.name} has no statistic")
+
+
+_check_declarations(REGISTRY.values())
+# Derived from the declarations: which column metrics take only numbers, or only segments.
+NUMERIC_ONLY = frozenset(m.name for m in REGISTRY.values() if m.column_kinds == ("numeric",))
+CATEGORICAL_ONLY = frozenset(m.name for m in REGISTRY.values() if m.column_kinds == ("segment",))
 
 
 def metric(name: str | None = None, *, input: str = "score", tasks=(CLF, REG), label: str | None = None,
@@ -344,52 +426,78 @@ def metric(name: str | None = None, *, input: str = "score", tasks=(CLF, REG), l
     return register
 
 
-def _function_metric(key, fn, input, tasks, label, unit, description, source) -> Metric:
+def _function_metric(key, fn, input, tasks, label, unit, description, source,
+                     undefined: tuple = ()) -> Metric:
+    """A raw metric calling ``fn(y_true, y_score or y_pred)``; the exceptions in ``undefined``
+    mean "not defined on this window" (a gap), any other one fails the target."""
+
     def run(w, fn=fn, input=input):
         if len(w.y_true) == 0:
             return np.nan
-        value = fn(w.y_true, w.y_score if input == "score" else w.y_pred)
-        value = float(np.asarray(value).item())  # scalars only; arrays raise here
-        return value
+        try:
+            value = fn(w.y_true, w.y_score if input == "score" else w.y_pred)
+        except undefined:
+            return np.nan
+        return float(np.asarray(value).item())  # scalars only; arrays raise here
 
     return Metric(key, label or key, description, tasks, "raw", unit=unit, raw=run,
                   uses_threshold=input == "pred", source=source)
 
 
-# scikit-learn's scoring functions, chosen by signature, never by evaluating request text.
-_SCORE_ARGS = ("y_score", "y_proba", "y_prob", "probas_pred")
-_EXCLUDE = ("curve", "confusion_matrix", "classification_report", "precision_recall_fscore_support",
-            "coverage_error", "label_ranking", "dcg_score", "class_likelihood_ratios")
+# The scikit-learn functions offered as ``sklearn.<name>``: an explicit list, so the public
+# metric list does not change with the installed scikit-learn, and each has its own oracle in
+# the tests. (function, what it takes as second argument, task)
+SKLEARN_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("accuracy_score", "pred", CLF),
+    ("balanced_accuracy_score", "pred", CLF),
+    ("cohen_kappa_score", "pred", CLF),
+    ("f1_score", "pred", CLF),
+    ("hamming_loss", "pred", CLF),
+    ("jaccard_score", "pred", CLF),
+    ("matthews_corrcoef", "pred", CLF),
+    ("precision_score", "pred", CLF),
+    ("recall_score", "pred", CLF),
+    ("zero_one_loss", "pred", CLF),
+    ("average_precision_score", "score", CLF),
+    ("brier_score_loss", "score", CLF),
+    ("log_loss", "score", CLF),
+    ("roc_auc_score", "score", CLF),
+    ("d2_absolute_error_score", "pred", REG),
+    ("explained_variance_score", "pred", REG),
+    ("max_error", "pred", REG),
+    ("mean_absolute_error", "pred", REG),
+    ("mean_absolute_percentage_error", "pred", REG),
+    ("mean_squared_error", "pred", REG),
+    ("mean_squared_log_error", "pred", REG),
+    ("median_absolute_error", "pred", REG),
+    ("r2_score", "pred", REG),
+    ("root_mean_squared_error", "pred", REG),
+)
+
+
+# Arguments that make a function defined on every window: log loss of a window whose labels
+# are all one class is still a log loss.
+SKLEARN_ARGUMENTS = {"log_loss": {"labels": [0, 1]}}
 
 
 def _sklearn_metrics() -> dict[str, Metric]:
+    """``sklearn.metrics.<name>`` on each window's labeled rows, for every entry of SKLEARN_METRICS.
+
+    scikit-learn raises ValueError where a metric is undefined for the window (e.g. negative
+    values for mean_squared_log_error): that window is a gap, as 0/0 is for built-in metrics.
+    """
+    import functools
+
     import sklearn.metrics as skm
 
     found = {}
-    for fname in sorted(getattr(skm, "__all__", dir(skm))):
-        fn = getattr(skm, fname, None)
-        if not callable(fn) or any(x in fname for x in _EXCLUDE) or not fname.islower():
-            continue
-        try:
-            params = list(inspect.signature(fn).parameters.values())
-        except (TypeError, ValueError):
-            continue
-        if len(params) < 2 or params[0].name not in ("y_true", "y1"):
-            continue
-        second = "y_pred" if params[1].name == "y2" else params[1].name
-        required_rest = [p for p in params[2:] if p.default is inspect.Parameter.empty
-                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if required_rest or second not in (*_SCORE_ARGS, "y_pred"):
-            continue
-        module = getattr(fn, "__module__", "")
-        tasks = frozenset({REG}) if "regression" in module else frozenset({CLF})
-        if fname in ("log_loss", "brier_score_loss"):
-            second = "y_proba"
+    for fname, second, task in SKLEARN_METRICS:
         key = f"sklearn.{fname}"
+        fn = functools.partial(getattr(skm, fname), **SKLEARN_ARGUMENTS.get(fname, {}))
         found[key] = _function_metric(
-            key, fn, "score" if second in _SCORE_ARGS else "pred", tasks,
-            f"sklearn {fname}", "none", f"sklearn.metrics.{fname} on each window's labeled rows",
-            source="sklearn")
+            key, fn, second, frozenset({task}), f"sklearn {fname}", "none",
+            f"sklearn.metrics.{fname} on each window's labeled rows", source="sklearn",
+            undefined=(ValueError,))
     return found
 
 

@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 import numpy as np
 import psycopg2
 
-from datasource import engine, store, windows
+from datasource import distributions, engine, store, windows
 from datasource import metrics as metric_registry
-from datasource.records import BatchError
+from datasource.errors import ClientError
 
 ANNOTATIONS = "annotations"
 FILTER_OPS = ("=", "!=", "=~", "!~")
@@ -29,10 +29,10 @@ MAX_HISTOGRAM_BINS = 1000
 MAX_FILTER_REGEX = 200
 
 
-def bad(message: str, field: str | None = None, status: int = 400) -> BatchError:
+def bad(message: str, field: str | None = None, status: int = 400) -> ClientError:
     """A client mistake, optionally naming the offending field."""
     errors = [{"index": None, "field": field, "message": message}] if field else None
-    return BatchError(message, errors, status)
+    return ClientError(message, errors, status)
 
 
 # ----------------------------------------------------------------------- requests
@@ -313,8 +313,8 @@ class Resolver:
               filters: list[Filter]) -> engine.Query:
         """The engine query for one model of a target."""
         try:
-            window = windows.parse_window(_single(t.window, self.field("window")))
-            mode = windows.parse_mode(_single(t.mode, self.field("mode")))
+            window = windows.parse_window(_single(t.window, self.field("window")),
+                                          _single(t.mode, self.field("mode")))
         except windows.WindowError as e:
             raise bad(str(e), self.field("window")) from None
         if model.task not in metric.tasks:
@@ -324,7 +324,7 @@ class Resolver:
         segset_ids = (tuple(sorted(sid for sid, seg in segsets.items()
                                    if all(f.matches(seg) for f in filters)))
                       if filters else None)
-        q = engine.Query(model, metric, window, mode, self.threshold(t.threshold, model),
+        q = engine.Query(model, metric, window, self.threshold(t.threshold, model),
                          segset_ids, self.group_by(t.group_by), segsets,
                          self.metric_params(metric, t.params))
         if "column" in metric.payloads:
@@ -361,6 +361,9 @@ class Service:
         self.prefix = prefix
 
     def run(self, targets: list[Target], rng: TimeRange, filters: list[Filter]) -> list:
+        if len(targets) > windows.MAX_TARGETS:  # before anything is resolved or read
+            raise bad(f"{len(targets)} targets exceed {windows.MAX_TARGETS} per request",
+                      "targets", status=413)
         known = [metric_registry.REGISTRY[t.metric] for t in targets
                  if isinstance(t.metric, str) and t.metric in metric_registry.REGISTRY]
         memo = engine.RequestMemo.for_metrics(known)
@@ -368,8 +371,20 @@ class Service:
         with self.pool.connection() as conn:
             resolver = Resolver(conn, self.prefix)
             for t in targets:
+                self._bound_statements(conn)
                 out.extend(self._answer(conn, resolver, t, rng, filters, memo))
         return out
+
+    def _bound_statements(self, conn) -> None:
+        """One deadline for the whole request: no statement of the next target may outlive it
+        (SET LOCAL ends with the request's transaction), and none starts after it."""
+        if self.deadline is None:
+            return
+        remaining_ms = int((self.deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            raise engine.ComputeTimeout("the request ran past its time budget")
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = %s", (max(remaining_ms, 1),))
 
     def _answer(self, conn, resolver: Resolver, t: Target, rng: TimeRange, filters,
                 memo: engine.RequestMemo) -> list:
@@ -380,12 +395,14 @@ class Service:
         out: list = []
         for model in models:
             q = resolver.query(t, metric, model, filters)
+            self._check_cost(q, rng, len(models), resolver)
             if metric.kind == "table" or q.param_dict.get("format") == "table":
                 columns, rows = _table(conn, resolver, q, rng)
                 out.append(TableResult(t.ref_id, metric.name, model.name, columns, rows))
                 continue
             if metric.kind == "histogram":
-                for s in engine.histogram_series(conn, q, rng.points, rng.step, rng.from_s, rng.to_s):
+                for s in engine.histogram_series(conn, q, rng.points, rng.step, rng.from_s, rng.to_s,
+                                                   self.deadline):
                     out.append(SeriesResult(t.ref_id, metric, model.name, s, s.name))
                 continue
             try:
@@ -409,6 +426,19 @@ class Service:
         return out
 
 
+    @staticmethod
+    def _check_cost(q: engine.Query, rng: TimeRange, n_models: int, resolver: Resolver) -> None:
+        """Points x series and the bucket grid, refused before any array is allocated."""
+        groups = engine.TOP_GROUPS + 1 if q.group_by else 1
+        if q.metric.kind == "histogram":
+            groups = q.param_dict.get("bins") or distributions.MAX_BINS
+        try:
+            windows.check_cost(rng.from_s, rng.to_s, rng.step, q.window,
+                               series_per_target=n_models * groups)
+        except windows.WindowError as e:
+            raise bad(str(e), resolver.field("window")) from None
+
+
 def _table(conn, resolver: Resolver, q: engine.Query, rng: TimeRange) -> tuple[list, list]:
     if q.metric.name == "histogram":
         return engine.histogram_table(conn, q, rng.from_s, rng.to_s)
@@ -418,7 +448,7 @@ def _table(conn, resolver: Resolver, q: engine.Query, rng: TimeRange) -> tuple[l
         for col in _drift_candidates(conn, q):
             try:
                 pairs.append((col, resolver.reference(q, col, spec)))
-            except BatchError:
+            except ClientError:
                 if "/" in spec and col.kind == "score":
                     raise
                 continue  # this column has no reference: not ranked

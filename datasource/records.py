@@ -15,37 +15,26 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
+from datasource.errors import ClientError
+
 MAX_ID_LENGTH = 256
 MAX_SEGMENTS = 16
 MAX_SEGMENT_KEY_LENGTH = 64
 MAX_SEGMENT_VALUE_LENGTH = 128
 MAX_FEATURES = 256
 MAX_FEATURE_NAME_LENGTH = 128
-MAX_ERRORS_REPORTED = 100
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MIN_TS = datetime(1900, 1, 1, tzinfo=UTC)
 _MAX_TS = datetime(2200, 1, 1, tzinfo=UTC)
+_MIN_MS = (_MIN_TS - _EPOCH).total_seconds() * 1000.0
+_MAX_MS = (_MAX_TS - _EPOCH).total_seconds() * 1000.0
 
 TASKS = ("binary_classification", "regression")
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # reused: building one is slow
 
 
-class BatchError(ValueError):
-    """A batch was rejected; ``errors`` lists ``{"index", "field", "message"}`` items."""
-
-    def __init__(self, message: str, errors: list[dict] | None = None, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.errors = errors or []
-        self.status = status
-
-    def to_json(self) -> dict:
-        body = {"message": self.message}
-        if self.errors:
-            body["errors"] = self.errors[:MAX_ERRORS_REPORTED]
-            body["error_count"] = len(self.errors)
-        return body
+BatchError = ClientError  # the name ingest code and the client have always used
 
 
 @dataclass(frozen=True)
@@ -64,6 +53,8 @@ def parse_model(body: object) -> ModelSpec:
     name = body.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 128:
         errors.append(_err(None, "name", "must be a non-empty string of at most 128 characters"))
+    elif _nul(name):
+        errors.append(_err(None, "name", "must not contain NUL"))
     task = body.get("task", "binary_classification")
     if task not in TASKS:
         errors.append(_err(None, "task", f"must be one of {', '.join(TASKS)}"))
@@ -71,13 +62,15 @@ def parse_model(body: object) -> ModelSpec:
     if task == "binary_classification":
         if threshold is None:
             threshold = 0.5
-        if not _is_number(threshold) or not 0.0 <= float(threshold) <= 1.0:
+        if not _is_number(threshold) or not _finite(threshold) or not 0.0 <= float(threshold) <= 1.0:
             errors.append(_err(None, "threshold", "must be a number in [0, 1]"))
     elif threshold is not None:
         errors.append(_err(None, "threshold", "only binary classifiers have a threshold"))
     description = body.get("description", "")
     if not isinstance(description, str) or len(description) > 4000:
         errors.append(_err(None, "description", "must be a string of at most 4000 characters"))
+    elif _nul(description):
+        errors.append(_err(None, "description", "must not contain NUL"))
     if errors:
         raise BatchError("invalid model", errors)
     return ModelSpec(
@@ -98,10 +91,14 @@ def parse_ts(value: object) -> datetime:
     elif isinstance(value, (bool, np.bool_)) or value is None:
         raise ValueError("must be an ISO-8601 string or epoch milliseconds")
     elif _is_number(value):
-        if not math.isfinite(value):
+        if not _finite(value):
             raise ValueError("must be finite")
+        if not _MIN_MS <= value < _MAX_MS:
+            raise ValueError("must be between 1900 and 2200")
         ts = _EPOCH + timedelta(milliseconds=float(value))
     elif isinstance(value, str):
+        if _nul(value):
+            raise ValueError("must not contain NUL")
         try:
             ts = datetime.fromisoformat(value.strip())
         except ValueError:
@@ -116,6 +113,19 @@ def parse_ts(value: object) -> datetime:
     if not _MIN_TS <= ts < _MAX_TS:
         raise ValueError("must be between 1900 and 2200")
     return ts
+
+
+def _finite(v) -> bool:
+    """Whether a number is finite and fits a double (a 400-digit int does not: OverflowError)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _nul(text: str) -> bool:
+    """PostgreSQL text cannot hold NUL; psycopg2 raises on it, so it is a client error here."""
+    return "\x00" in text
 
 
 def _is_number(v: object) -> bool:
@@ -143,6 +153,9 @@ def _check_id(rec: dict, i: int, errors: list) -> str | None:
     if len(oid) > MAX_ID_LENGTH:
         errors.append(_err(i, "id", f"is longer than {MAX_ID_LENGTH} characters"))
         return None
+    if _nul(oid):
+        errors.append(_err(i, "id", "must not contain NUL"))
+        return None
     return oid
 
 
@@ -169,11 +182,17 @@ def _check_segments(rec: dict, i: int, errors: list) -> dict | None:
         if not k or len(k) > MAX_SEGMENT_KEY_LENGTH:
             errors.append(_err(i, "segments", f"key {k[:70]!r} must have 1 to {MAX_SEGMENT_KEY_LENGTH} characters"))
             return None
+        if _nul(k):
+            errors.append(_err(i, "segments", f"key {k[:70]!r} must not contain NUL"))
+            return None
         if not isinstance(v, str):
             errors.append(_err(i, f"segments.{k}", "must be a string"))
             return None
         if len(v) > MAX_SEGMENT_VALUE_LENGTH:
             errors.append(_err(i, f"segments.{k}", f"is longer than {MAX_SEGMENT_VALUE_LENGTH} characters"))
+            return None
+        if _nul(v):
+            errors.append(_err(i, f"segments.{k}", "must not contain NUL"))
             return None
     return seg
 
@@ -191,9 +210,15 @@ def _check_features(rec: dict, i: int, errors: list) -> dict | None:
         if not k or len(k) > MAX_FEATURE_NAME_LENGTH:
             errors.append(_err(i, "features", f"name {k[:70]!r} must have 1 to {MAX_FEATURE_NAME_LENGTH} characters"))
             return None
+        if _nul(k):
+            errors.append(_err(i, "features", f"name {k[:70]!r} must not contain NUL"))
+            return None
         if v is None:
             clean[k] = None
         elif _is_number(v):
+            if not _finite(v) and v == v:
+                errors.append(_err(i, f"features.{k}", "must be finite"))
+                return None
             v = float(v)
             if v != v:
                 clean[k] = None  # NaN is how pandas spells "missing"
@@ -251,7 +276,7 @@ def parse_predictions(records: object, task: str, max_records: int) -> Predictio
         score = rec.get("score")
         if not _is_number(score):
             errors.append(_err(i, "score", "is missing" if score is None else "must be a number"))
-        elif not math.isfinite(score):
+        elif not _finite(score):
             errors.append(_err(i, "score", "must be finite"))
         elif is_clf and not 0.0 <= score <= 1.0:
             errors.append(_err(i, "score", "must be a probability in [0, 1] for a classifier"))
@@ -289,7 +314,7 @@ def parse_feedback(records: object, task: str, max_records: int) -> FeedbackRows
             else:
                 errors.append(_err(i, "label", "is missing" if label is None else "must be a number"))
         if _is_number(label):
-            if not math.isfinite(label):
+            if not _finite(label):
                 errors.append(_err(i, "label", "must be finite"))
             elif is_clf and label not in (0, 1):
                 errors.append(_err(i, "label", "must be 0 or 1 for a classifier"))
@@ -315,8 +340,8 @@ def parse_reference(body: object) -> tuple[str, dict[str, list]]:
         raise BatchError("body must be a JSON object with 'name' and 'columns'")
     name = body.get("name", "training")
     errors = []
-    if not isinstance(name, str) or not name or len(name) > 64:
-        errors.append(_err(None, "name", "must be 1 to 64 characters"))
+    if not isinstance(name, str) or not name or len(name) > 64 or _nul(name):
+        errors.append(_err(None, "name", "must be 1 to 64 characters, without NUL"))
     columns = body.get("columns")
     if not isinstance(columns, dict) or not columns:
         errors.append(_err(None, "columns", "must be an object of column name -> list of values"))
@@ -324,8 +349,8 @@ def parse_reference(body: object) -> tuple[str, dict[str, list]]:
     clean: dict[str, list] = {}
     for col, values in columns.items():
         field_name = f"columns.{col}"
-        if not col or len(col) > MAX_FEATURE_NAME_LENGTH:
-            errors.append(_err(None, "columns", f"name {col[:70]!r} is empty or too long"))
+        if not col or len(col) > MAX_FEATURE_NAME_LENGTH or _nul(col):
+            errors.append(_err(None, "columns", f"name {col[:70]!r} is empty, too long or has NUL"))
             continue
         if not isinstance(values, list) or not values:
             errors.append(_err(None, field_name, "must be a non-empty list"))
@@ -334,9 +359,12 @@ def parse_reference(body: object) -> tuple[str, dict[str, list]]:
             errors.append(_err(None, field_name, f"has more than {MAX_REFERENCE_VALUES} values"))
             continue
         if all(isinstance(v, str) for v in values):
+            if any(_nul(v) for v in values):
+                errors.append(_err(None, field_name, "values must not contain NUL"))
+                continue
             clean[col] = values
         elif all(v is None or _is_number(v) for v in values):
-            if any(v is not None and math.isinf(v) for v in values):
+            if any(v is not None and v == v and not _finite(v) for v in values):
                 errors.append(_err(None, field_name, "values must be finite"))
                 continue
             clean[col] = [float("nan") if v is None else float(v) for v in values]

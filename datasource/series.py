@@ -12,9 +12,11 @@ service as ``POST /query``, so the two protocols give the same numbers.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import time
+from importlib import resources
 
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -28,6 +30,10 @@ DEFAULT_MAX_POINTS = 1000
 _TARGET_PARAMS = ("model", "metric", "window", "mode", "threshold", "group_by", "filter", "from",
                   "to", "step", "max_points", "format")
 _FILTER_OPS = ("!=", "!~", "=~", "=")  # longest first: 'a!=b' is not 'a!' = 'b'
+
+
+def _read_pool():
+    return current_app.extensions.get("read_pool") or current_app.extensions["pool"]
 
 
 def _bad(message: str, field: str) -> Exception:
@@ -78,6 +84,8 @@ def _step_ms() -> float | None:
 def _filters() -> list[query.Filter]:
     out = []
     for i, text in enumerate(request.args.getlist("filter")):
+        if not text.strip():
+            continue  # an empty textbox variable: no filter
         for op in _FILTER_OPS:
             key, sep, value = text.partition(op)
             if sep and key.strip():
@@ -157,7 +165,7 @@ def series():
     max_points = request.args.get("max_points", "").strip() or DEFAULT_MAX_POINTS
     rng = query.time_range(from_value, to_value, _step_ms(), max_points, where="from")
     target = _target()
-    results = query.Service(current_app.extensions["pool"],
+    results = query.Service(_read_pool(),
                             current_app.extensions["settings"]).run([target], rng, _filters())
     rows, columns = _rows(results)
     if request.args.get("format") == "csv":
@@ -169,8 +177,21 @@ def series():
 def variables(name: str):
     """A dashboard variable's choices as ``[{"__text", "__value"}]`` (Infinity variable queries)."""
     model = _values("model") or None
-    with current_app.extensions["pool"].connection() as conn:
+    with _read_pool().connection() as conn:
         items = query.variable_items(query.Catalog(conn), name, model, request.args.get("key"))
     if items is None:
         raise _bad(f"unknown variable {name[:40]!r}; one of: {', '.join(query.VARIABLES)}", "name")
     return jsonify([{"__text": t, "__value": v} for t, v in items])
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """This API's OpenAPI document (the ingest API and the flat read endpoints)."""
+    return jsonify(_openapi_document())
+
+
+@functools.cache
+def _openapi_document() -> dict:
+    import yaml
+
+    return yaml.safe_load(resources.files("datasource").joinpath("openapi.yaml").read_text())

@@ -100,9 +100,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
                    help="train again even if a model exists in --model-dir")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m loader") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loader",
+        prog=prog,
         description="Replay the NYC-taxi 'high tip' pipeline (Jan-May 2020) into the ML "
                     "monitoring store: synthetic or real TLC data, a January-trained model, "
                     "predictions at pickup and delayed feedback.",
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         _store_args(p)
         if name != "live":
             p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+            p.add_argument("--rewrite", action="store_true",
+                           help="write every backfill month again; by default the months before "
+                                "the model's latest stored prediction are skipped (a backfill "
+                                "writes in time order, so those are complete)")
         if name != "backfill":
             p.add_argument("--speed", type=float, default=3600.0,
                            help="data seconds per wall second (default 3600: an hour a second)")
@@ -271,8 +275,13 @@ def record_in_store(args, client, trained: pipeline.TrainedModel, reference: dic
     print(f"recorded the training event and the 'training' reference of {args.model_name}")
 
 
-def load_or_train(args, client) -> pipeline.TrainedModel:
-    """The saved model if it matches the data source and settings, else a fresh one."""
+def load_or_train(args, client, record: bool = True) -> pipeline.TrainedModel:
+    """The saved model if it matches the data source and settings, else a fresh one.
+
+    ``record=False`` skips re-recording a saved model's registration, training event and
+    reference: a resumed live replay, whose store already holds them from the run that wrote
+    its predictions (``live`` after ``backfill`` would otherwise record and print them twice).
+    """
     directory = model_dir(args)
     if not args.retrain and pipeline.TrainedModel.exists(directory):
         trained = pipeline.TrainedModel.load(directory)
@@ -282,7 +291,8 @@ def load_or_train(args, client) -> pipeline.TrainedModel:
         if same:
             path = directory / REFERENCE_FILE
             reference = pd.read_parquet(path).to_dict("list") if path.exists() else None
-            record_in_store(args, client, trained, reference)
+            if record:
+                record_in_store(args, client, trained, reference)
             return trained
         print(f"model in {directory} was trained on other data or settings; training again")
     return train_model(args, client)
@@ -322,7 +332,8 @@ def cmd_replay(args) -> None:
         sys.exit("error: --until must be after --start")
     client = open_client(args)
     try:
-        trained = load_or_train(args, client)
+        latest = _latest(client, args.model_name)
+        trained = load_or_train(args, client, record=not (args.command == "live" and latest))
         if client is not None:
             replay.ensure_registered(client, trained, args.model_name)
         wanted = months_between(start - pd.Timedelta(days=3), until)
@@ -336,12 +347,12 @@ def cmd_replay(args) -> None:
         live_from = {"backfill": until, "live": start}.get(args.command)
         if args.command == "run":
             live_from = min(until, max(start, replay.parse_time(args.live_from)))
-            latest = client.latest_prediction_ts(args.model_name) if client else None
             if latest is not None and pd.Timestamp(latest) >= live_from:
                 live_from = start  # a restart: skip the backfill, live resumes from the store
         if live_from > start:
+            resume = None if args.rewrite or latest is None else pd.Timestamp(latest)
             summary = replay.backfill(client, trained, months, start=start, until=live_from,
-                                      progress=not args.no_progress, **kwargs)
+                                      progress=not args.no_progress, resume=resume, **kwargs)
             print(summary.format(), flush=True)
         if live_from < until:
             print(f"live: {args.speed:g} data seconds per second, until {args.until}", flush=True)
@@ -358,11 +369,23 @@ def cmd_replay(args) -> None:
             client.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _latest(client, model_name: str):
+    """The model's latest stored prediction time; None for a new model or without a store."""
+    if client is None:
+        return None
+    try:
+        return client.latest_prediction_ts(model_name)
+    except Exception as exc:  # an unknown model: 404 over HTTP, a BatchError locally
+        if getattr(exc, "status", None) == 404:
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m loader") -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "run")  # `python -m loader --scale 0.005 --speed 3600` (docker compose)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         {"generate": cmd_generate, "train": cmd_train, "backfill": cmd_replay,
          "live": cmd_replay, "run": cmd_replay}[args.command](args)

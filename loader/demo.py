@@ -7,11 +7,18 @@
    through the datasource's ingest API (as a production writer would).
 
 It prints the URL to add to an existing Grafana as a JSON datasource and how to import the
-dashboards. Ctrl-C (or SIGTERM) stops the replay, then the datasource, then PostgreSQL.
+dashboards. Ctrl-C, SIGTERM or a hang-up (SIGHUP: the terminal closed) stops the replay,
+then the datasource, then PostgreSQL.
 
 The children run in their own process groups, so a Ctrl-C in the terminal reaches only this
 process, which stops them in order; on Linux they also get SIGTERM if this process dies
-without cleaning up (``PR_SET_PDEATHSIG``).
+without cleaning up (``PR_SET_PDEATHSIG``). PostgreSQL is not a child (pg_ctl daemonizes it),
+so only this process's shutdown stops it: hence SIGHUP is handled too, and printing to a
+terminal that is gone cannot cut the shutdown short.
+
+The port is bound here, before PostgreSQL starts, and handed to gunicorn as a file
+descriptor: a busy port is reported at once, and whatever answers on it afterwards is ours
+(another server holding the port would otherwise answer the health check).
 
 Settings: flags, else environment variables (so ``PORT=9090 make demo`` works): ``HOST``,
 ``PORT``, ``DATA_DIR``, ``DEMO_SCALE``, ``DEMO_SPEED``.
@@ -22,8 +29,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,13 +47,27 @@ LIVE_FROM = "2020-03-01"  # backfill before this, replay live from it
 UNTIL = "2020-06-01"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Stop(Exception):
-    """SIGTERM (or SIGINT) asked the demo to stop."""
+    """SIGINT, SIGTERM or SIGHUP asked the demo to stop."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class PortBusy(Exception):
+    """The datasource's port is taken by another process."""
+
+
+def say(*args, file=None) -> None:
+    """print, but a terminal that hung up (EIO) or a closed pipe must not stop the shutdown."""
+    with contextlib.suppress(OSError, ValueError):
+        print(*args, file=file or sys.stdout, flush=True)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m loader.demo"
+               ) -> argparse.Namespace:
     env = os.environ
-    p = argparse.ArgumentParser(prog="python -m loader.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--host", default=env.get("HOST", "127.0.0.1"),
                    help="address the datasource listens on (default $HOST or 127.0.0.1; "
                         "0.0.0.0 to reach it from a Grafana in Docker)")
@@ -67,10 +91,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------- commands
 
-def server_command(args) -> list[str]:
+def server_command(args, fd: int | None = None) -> list[str]:
+    """gunicorn on the socket ``fd`` the demo bound (``bind_port``), else on HOST:PORT."""
+    bind = f"fd://{fd}" if fd is not None else f"{args.host}:{args.port}"
     return [sys.executable, "-m", "gunicorn", "--workers", str(args.workers),
             "--threads", str(args.threads), "--timeout", "60", "--graceful-timeout", "10",
-            "--bind", f"{args.host}:{args.port}", "datasource:create_app()"]
+            "--bind", bind, "datasource:create_app()"]
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port for gunicorn (``fd://``); PortBusy when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR only skips TIME_WAIT leftovers of our last run; a live listener still
+        # makes bind fail with EADDRINUSE on Linux
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortBusy(f"port {port} on {host} is busy: another process listens on it "
+                           f"(see `ss -ltnp 'sport = :{port}'`); stop it or choose another "
+                           "port with --port or PORT=...") from None
+        raise
+    return sock
 
 
 def loader_commands(args, database_url: str, server_url: str) -> list[list[str]]:
@@ -99,18 +145,18 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def spawn(cmd: list[str], env: dict, log=None) -> subprocess.Popen:
+def spawn(cmd: list[str], env: dict, log=None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """A child in its own process group (a terminal's Ctrl-C reaches only the demo)."""
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT if log else None,
-                            process_group=0, preexec_fn=_child_setup)
+                            process_group=0, preexec_fn=_child_setup, pass_fds=pass_fds)
 
 
 def stop(proc: subprocess.Popen | None, name: str, timeout: float) -> None:
     """SIGTERM the child's process group, wait, then SIGKILL it."""
     if proc is None or proc.poll() is not None:
         return
-    print(f"stopping {name} ...", flush=True)
+    say(f"stopping {name} ...")
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -121,6 +167,17 @@ def stop(proc: subprocess.Popen | None, name: str, timeout: float) -> None:
         proc.wait(5)
 
 
+def is_ours(status: int, headers, body: bytes) -> bool:
+    """Whether GET / answered like this project's datasource: 200, gunicorn, its health JSON."""
+    if status != 200 or not str(headers.get("Server", "")).startswith("gunicorn"):
+        return False
+    try:
+        health = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(health, dict) and health.get("status") == "ok"
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,7 +185,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
             return False
         with contextlib.suppress(OSError, urllib.error.URLError):
             with urllib.request.urlopen(url + "/", timeout=2) as r:
-                if r.status == 200:
+                if is_ours(r.status, r.headers, r.read()):
                     return True
         time.sleep(0.3)
     return False
@@ -141,7 +198,10 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def instructions(args, url: str) -> str:
-    boards = " and ".join(f"dashboards/{d}" for d in DASHBOARDS)
+    where = "dashboards" if Path.cwd() == ROOT else ROOT / "dashboards"
+    if not (ROOT / "dashboards").is_dir():  # installed with pip: the repository has them
+        where = "dashboards (in the mlsli repository)"
+    boards = " and ".join(f"{where}/{d}" for d in DASHBOARDS)
     reach = url if args.host not in ("0.0.0.0", "::") else f"http://<this machine>:{args.port}"
     return f"""
   datasource  {url}   (log: {args.data_dir / "datasource.log"})
@@ -158,7 +218,7 @@ To watch it in an existing Grafana (10 or newer) with the simpod-json-datasource
      their "Datasource" dropdown picks that datasource.
   3. Open "Model quality": time range January to May 2020; the SLIs move as March replays.
 
-Ctrl-C stops the replay, the datasource and PostgreSQL.
+Ctrl-C (or closing the terminal) stops the replay, the datasource and PostgreSQL.
 """
 
 
@@ -168,21 +228,29 @@ def _raise_stop(signum, frame):
     raise Stop(signal.Signals(signum).name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m loader.demo") -> int:
+    args = parse_args(argv, prog)
     args.data_dir = args.data_dir.resolve()
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    # Handle both even when started with them ignored (a background job of a script).
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
-
-    from datasource import db
+    # Handle them even when started with them ignored (a background job of a script).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stop)
 
     server = None
     replay = None
     log = None
+    listener = None
+    started = False  # PostgreSQL (or its start) under way: stop it whatever happens next
     try:
-        print(f"starting PostgreSQL in {args.data_dir / 'pg'} ...", flush=True)
+        try:  # first of all, before the slow imports: a busy port fails at once
+            listener = bind_port(args.host, args.port)
+        except (PortBusy, OSError) as exc:
+            say(f"error: {exc}", file=sys.stderr)
+            return 1
+        from datasource import db
+
+        say(f"starting PostgreSQL in {args.data_dir / 'pg'} ...")
+        started = True
         database_url = db.embedded_url(args.data_dir)
         conn = db.connect(database_url, statement_timeout_ms=0)
         try:
@@ -196,47 +264,53 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         log_path = args.data_dir / "datasource.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in finally
-        print(f"starting the datasource on {url} ...", flush=True)
-        server = spawn(server_command(args), env, log)
+        say(f"starting the datasource on {url} ...")
+        fd = listener.fileno()
+        server = spawn(server_command(args, fd), env, log, pass_fds=(fd,))
+        listener.close()  # gunicorn holds the port now
+        listener = None
         if not wait_healthy(url, server, timeout=60):
-            print(f"the datasource did not start; the end of {log_path}:\n{_tail(log_path)}",
-                  file=sys.stderr)
+            say(f"the datasource did not start; the end of {log_path}:\n{_tail(log_path)}",
+                file=sys.stderr)
             return 1
-        print(instructions(args, url), flush=True)
+        say(instructions(args, url))
 
         steps = [] if args.no_replay else loader_commands(args, database_url, url)
         while True:
             if replay is None or replay.poll() is not None:
                 if replay is not None and replay.returncode != 0:
-                    print(f"the replay stopped with exit code {replay.returncode}; the "
-                          "datasource keeps serving (Ctrl-C to stop)", flush=True)
+                    say(f"the replay stopped with exit code {replay.returncode}; the "
+                        "datasource keeps serving (Ctrl-C to stop)")
                     steps = []
                 if steps:
                     replay = spawn(steps.pop(0), env)
                 elif replay is not None:
                     if replay.returncode == 0:
-                        print("the replay is done; the datasource keeps serving "
-                              "(Ctrl-C to stop)", flush=True)
+                        say("the replay is done; the datasource keeps serving "
+                            "(Ctrl-C to stop)")
                     replay = None
             if server.poll() is not None:
-                print(f"the datasource exited ({server.returncode}); the end of "
-                      f"{log_path}:\n{_tail(log_path)}", file=sys.stderr)
+                say(f"the datasource exited ({server.returncode}); the end of "
+                    f"{log_path}:\n{_tail(log_path)}", file=sys.stderr)
                 return 1
             time.sleep(0.5)
-    except (KeyboardInterrupt, Stop):
-        print("\nstopping ...", flush=True)
+    except (KeyboardInterrupt, Stop) as exc:
+        say(f"\nstopping ({exc or 'SIGINT'}) ...")
         return 0
     finally:
         # A second Ctrl-C must not cut the shutdown short: it is bounded by the timeouts.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if listener is not None:
+            listener.close()
         stop(replay, "the replay", timeout=15)
         stop(server, "the datasource", timeout=20)
         if log is not None:
             log.close()
-        print("stopping PostgreSQL ...", flush=True)
-        db.stop_embedded()
-        print("stopped.", flush=True)
+        if started:
+            say("stopping PostgreSQL ...")
+            db.stop_embedded()
+            say("stopped.")
 
 
 if __name__ == "__main__":

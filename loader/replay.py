@@ -358,6 +358,17 @@ class MonthStats:
     accuracy: float = float("nan")
     label_rate: float = float("nan")
     mean_score: float = float("nan")
+    #: arrival times (epoch us, sorted) of the feedback due for this month's predictions:
+    #: a live replay's coverage is the share of them that arrived before it stopped
+    feedback_due: np.ndarray | None = None
+    labeled: int | None = None  # predictions of the month whose feedback was written
+
+    @property
+    def coverage(self) -> float:
+        """Labeled share of the month's predictions (NaN for a month without predictions)."""
+        if not self.predictions:
+            return float("nan")
+        return (self.feedback if self.labeled is None else self.labeled) / self.predictions
 
 
 @dataclass
@@ -371,6 +382,7 @@ class Summary:
     seconds: float = 0.0
     first_ts: pd.Timestamp | None = None
     last_ts: pd.Timestamp | None = None
+    skipped: list[str] = field(default_factory=list)  # months already stored (backfill)
 
     @property
     def rows(self) -> int:
@@ -388,14 +400,16 @@ class Summary:
 
     def format(self) -> str:
         lines = [f"{'month':8} {'predictions':>11} {'feedback':>9} {'coverage':>8} "
-                 f"{'accuracy':>8} {'label_rate':>10} {'mean_score':>10}"]
+                 f"{'accuracy':>8} {'label_rate':>10} {'mean_score':>10}"] if self.months else []
         for m in self.months:
-            # live counts feedback when it is written, re-sent overlaps included
-            cov = (m.feedback / m.predictions if m.predictions and self.mode == "backfill"
-                   else float("nan"))
-            lines.append(f"{m.month:8} {m.predictions:11d} {m.feedback:9d} {cov:8.3f} "
+            # live counts feedback when it is written (re-sent overlaps included), coverage by
+            # the month's own predictions
+            lines.append(f"{m.month:8} {m.predictions:11d} {m.feedback:9d} {m.coverage:8.3f} "
                          f"{m.accuracy:8.3f} {m.label_rate:10.3f} {m.mean_score:10.3f}")
         rate = self.rows / self.seconds if self.seconds > 0 else float("inf")
+        if self.skipped:
+            lines.append(f"{self.mode}: skipped {', '.join(self.skipped)}, already in the store "
+                         "(up to its latest prediction; --rewrite writes them again)")
         lines.append(f"{self.mode}: wrote {self.predictions_written:,} predictions and "
                      f"{self.feedback_written:,} feedback rows ({self.rows:,} rows) in "
                      f"{self.seconds:.1f} s, {rate:,.0f} rows/s")
@@ -419,10 +433,16 @@ def _write(fn, model: str, records: Iterable[dict], batch_size: int, on_batch=No
 def backfill(client, trained: pipeline.TrainedModel, months: Iterable[MonthInput], *,
              start: pd.Timestamp, until: pd.Timestamp, policy: FeedbackPolicy,
              model_name: str = MODEL_NAME, batch_size: int = 20_000,
-             progress: bool = True) -> Summary:
+             progress: bool = True, resume: pd.Timestamp | None = None) -> Summary:
     """Write every prediction in [start, until) and the feedback that arrived before ``until``.
 
     ``client`` may be None (dry run): records are built and counted but not written.
+
+    ``resume``: the model's latest stored prediction, so that a second run does not write the
+    same months again. A backfill writes month by month, each month's predictions in time
+    order and then its feedback, so a month whose last prediction is before ``resume`` is
+    complete and skipped; the month holding ``resume`` writes its predictions from ``resume``
+    on and all its feedback (upserts make the overlap free).
     """
     from tqdm import tqdm
 
@@ -439,13 +459,21 @@ def backfill(client, trained: pipeline.TrainedModel, months: Iterable[MonthInput
                 break
             bar.set_description(month.label)
             prepared = prepare_month(trained, month, policy, start, until)
+            preds = prepared.predictions
+            if resume is not None and len(preds):
+                if preds["ts"].iloc[-1] < resume:
+                    summary.skipped.append(month.label)
+                    continue
+                # all of the month's predictions are in when its last one is (one transaction
+                # per batch, batches in time order); its feedback may not be: written again
+                last_in = preds["ts"].iloc[-1] == resume
+                preds = preds.iloc[:0] if last_in else preds[preds["ts"] >= resume]
             fb = prepared.feedback[prepared.feedback["ts"] < until]
-            bar.total += len(prepared.predictions) + len(fb)
+            bar.total += len(preds) + len(fb)
             bar.refresh()
             stats = summary.add_month(prepared, trained.decision_threshold)
             summary.predictions_written += _write(
-                write_p, model_name, prediction_records(prepared.predictions), batch_size,
-                bar.update)
+                write_p, model_name, prediction_records(preds), batch_size, bar.update)
             n_fb = _write(write_f, model_name, feedback_records(fb), batch_size, bar.update)
             summary.feedback_written += n_fb
             stats.feedback = len(fb)
@@ -572,6 +600,8 @@ def live(client, trained: pipeline.TrainedModel, months: Iterable[MonthInput], *
         if len(preds):
             stats = summary.add_month(PreparedMonth(prepared.month, prepared.scored, preds,
                                                     pending), trained.decision_threshold)
+            own = prepared.feedback[prepared.feedback["id"].isin(preds["id"])]
+            stats.feedback_due = np.sort(_epoch_us(own["ts"]))
         # the next month's file holds the trips picked up from this month's end on
         cap = min(until, parse_time(month.end)) - pd.Timedelta(microseconds=1)
         carry = run_until(preds, stats, cap)
@@ -580,6 +610,10 @@ def live(client, trained: pipeline.TrainedModel, months: Iterable[MonthInput], *
         carry = pd.DataFrame(columns=["ts"]).astype({"ts": "datetime64[us, UTC]"})
     if len(pending) or len(carry):
         run_until(carry, stats, until - pd.Timedelta(microseconds=1))
+    done_us = state["done"].value // 1000
+    for m in summary.months:  # feedback written by the end: everything due up to "done"
+        if m.feedback_due is not None:
+            m.labeled = int(np.searchsorted(m.feedback_due, done_us, side="right"))
     summary.seconds = time.perf_counter() - perf0
     return summary
 

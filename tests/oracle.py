@@ -86,6 +86,8 @@ def classification(name: str, y_all, s_all, delay, thr: float, params: dict) -> 
         return float(np.mean(s_all)) if n_all else NAN
     if name == "positive_rate":
         return float(np.mean(s_all >= thr)) if n_all else NAN
+    if name.startswith("estimated_"):
+        return estimated(name, s_all, thr)
     lab = ~np.isnan(y_all)
     if name == "label_count":
         return float(lab.sum()) if n_all else NAN
@@ -132,8 +134,35 @@ def classification(name: str, y_all, s_all, delay, thr: float, params: dict) -> 
     if name == "expected_calibration_error":
         return ece(y, s)
     if name.startswith("sklearn."):
-        fn = getattr(skm, name.split(".", 1)[1])
-        return _safe(fn, y, pred)
+        fname = name.split(".", 1)[1]
+        return sklearn_formula(fname, y, s if fname in SCORE_FUNCTIONS else pred)
+    raise KeyError(name)
+
+
+def estimated(name: str, s, thr: float) -> float:
+    """CBPE (NannyML) with scores as calibrated probabilities, over all predictions of a window:
+    E[TP] = Σ_{ŷ=1} s, E[FP] = Σ_{ŷ=1} (1-s), E[FN] = Σ_{ŷ=0} s, E[TN] = Σ_{ŷ=0} (1-s)."""
+    if len(s) == 0:
+        return NAN
+    pos = s >= thr
+    tp, fp = float(np.sum(s[pos])), float(np.sum(1 - s[pos]))
+    fn, tn = float(np.sum(s[~pos])), float(np.sum(1 - s[~pos]))
+    if name == "estimated_accuracy":
+        return (tp + tn) / (tp + fp + fn + tn)
+    if name == "estimated_precision":
+        return tp / (tp + fp) if tp + fp else NAN
+    if name == "estimated_recall":
+        return tp / (tp + fn) if tp + fn else NAN
+    if name == "estimated_f1":
+        return 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else NAN
+    if name == "estimated_roc_auc":
+        # each prediction is s of a positive and 1 - s of a negative with its score: scikit-learn's
+        # weighted ROC AUC of that doubled sample
+        weights = np.r_[s, 1 - s]
+        if weights[: len(s)].sum() <= 0 or weights[len(s):].sum() <= 0:
+            return NAN
+        return _safe(skm.roc_auc_score, np.r_[np.ones(len(s)), np.zeros(len(s))], np.r_[s, s],
+                     sample_weight=weights)
     raise KeyError(name)
 
 
@@ -166,7 +195,128 @@ def regression(name: str, y_all, s_all, delay, params: dict) -> float:
         return float(np.mean(s - y))
     if name == "mape":
         return _safe(skm.mean_absolute_percentage_error, y, s)
+    if name.startswith("sklearn."):
+        return sklearn_formula(name.split(".", 1)[1], y, s)
     raise KeyError(name)
+
+
+# ----------------------------------------------------------------------- scikit-learn, written out
+
+SCORE_FUNCTIONS = ("average_precision_score", "brier_score_loss", "log_loss", "roc_auc_score")
+
+
+def _ratio(num: float, den: float, if_zero: float = 0.0) -> float:
+    """scikit-learn's zero_division='warn': 0/0 counts as 0."""
+    return num / den if den else if_zero
+
+
+def _finite(num: float, den: float) -> float:
+    """1 - num/den with scikit-learn's force_finite: a constant target scores 1 if perfect, else 0."""
+    if den == 0:
+        return 1.0 if num == 0 else 0.0
+    return 1.0 - num / den
+
+
+def _pairwise_auc(y, s) -> float:
+    """P(score of a positive > score of a negative), ties counting one half: the definition."""
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return NAN
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def _step_average_precision(y, s) -> float:
+    """Σ (R_k - R_k-1) P_k over the distinct score thresholds, highest first."""
+    n_pos = float(np.sum(y == 1))
+    if n_pos == 0:
+        return 0.0
+    total, prev_recall = 0.0, 0.0
+    for t in np.unique(s)[::-1]:
+        chosen = s >= t
+        tp = float(np.sum(y[chosen] == 1))
+        recall, precision = tp / n_pos, tp / chosen.sum()
+        total += (recall - prev_recall) * precision
+        prev_recall = recall
+    return total
+
+
+def sklearn_formula(fname: str, y, second) -> float:
+    """The published formula of each function in ``metrics.SKLEARN_METRICS``, on one window.
+
+    ``second`` is the score for SCORE_FUNCTIONS, else the thresholded prediction (classifiers)
+    or the prediction (regression). Where scikit-learn documents a convention for an undefined
+    case (zero_division, force_finite, no positives) the formula follows it; NaN where it has none.
+    """
+    y = np.asarray(y, dtype=float)
+    p = np.asarray(second, dtype=float)
+    n = len(y)
+    if n == 0:
+        return NAN
+    tp = float(np.sum((y == 1) & (p == 1)))
+    fp = float(np.sum((y == 0) & (p == 1)))
+    fn = float(np.sum((y == 1) & (p == 0)))
+    tn = float(np.sum((y == 0) & (p == 0)))
+    err = p - y
+    if fname == "accuracy_score":
+        return (tp + tn) / n
+    if fname in ("hamming_loss", "zero_one_loss"):
+        return (fp + fn) / n
+    if fname == "balanced_accuracy_score":  # mean recall over the classes present in y
+        recalls = [float(np.mean(p[y == c] == c)) for c in np.unique(y)]
+        return float(np.mean(recalls))
+    if fname == "cohen_kappa_score":
+        po = (tp + tn) / n
+        pe = ((tp + fn) * (tp + fp) + (tn + fp) * (tn + fn)) / n**2
+        return (po - pe) / (1 - pe) if pe != 1 else NAN
+    if fname == "precision_score":
+        return _ratio(tp, tp + fp)
+    if fname == "recall_score":
+        return _ratio(tp, tp + fn)
+    if fname == "f1_score":
+        return _ratio(2 * tp, 2 * tp + fp + fn)
+    if fname == "jaccard_score":
+        return _ratio(tp, tp + fp + fn)
+    if fname == "matthews_corrcoef":
+        den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        return _ratio(tp * tn - fp * fn, den)
+    if fname == "brier_score_loss":
+        return float(np.mean((p - y) ** 2))
+    if fname == "log_loss":
+        eps = np.finfo(np.float64).eps
+        q = np.clip(p, eps, 1 - eps)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    if fname == "roc_auc_score":
+        return _pairwise_auc(y, p)
+    if fname == "average_precision_score":
+        return _step_average_precision(y, p)
+    if fname == "mean_absolute_error":
+        return float(np.mean(np.abs(err)))
+    if fname == "mean_squared_error":
+        return float(np.mean(err**2))
+    if fname == "root_mean_squared_error":
+        return float(np.sqrt(np.mean(err**2)))
+    if fname == "max_error":
+        return float(np.max(np.abs(err)))
+    if fname == "median_absolute_error":
+        return float(np.median(np.abs(err)))
+    if fname == "mean_absolute_percentage_error":
+        return float(np.mean(np.abs(err) / np.maximum(np.abs(y), np.finfo(np.float64).eps)))
+    if fname == "mean_squared_log_error":
+        if np.any(y <= -1) or np.any(p <= -1):
+            return NAN  # undefined: scikit-learn raises, the server shows a gap
+        return float(np.mean((np.log1p(p) - np.log1p(y)) ** 2))
+    if fname == "r2_score":
+        if n < 2:
+            return NAN
+        return _finite(float(np.sum(err**2)), float(np.sum((y - y.mean()) ** 2)))
+    if fname == "explained_variance_score":
+        return _finite(float(np.var(y - p)), float(np.var(y)))
+    if fname == "d2_absolute_error_score":
+        if n < 2:
+            return NAN
+        return _finite(float(np.sum(np.abs(err))), float(np.sum(np.abs(y - np.median(y)))))
+    raise KeyError(fname)
 
 
 def close(got, expected, rel=1e-9) -> bool:

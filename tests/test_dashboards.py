@@ -287,7 +287,10 @@ PANEL_CASES = [pytest.param(name, p["id"], id=f"{name}:{p['id']}:{p['title']}")
 
 def test_committed_json_is_the_generators_output():
     built = GEN.build()
-    assert set(BOARDS) == set(built), "run: python dashboards/generate.py"
+    committed = {f.relative_to(DASHBOARDS).as_posix()
+                 for f in [*DASHBOARDS.glob("*.json"), *DASHBOARDS.glob("infinity/*.json")]}
+    assert committed == set(built), "run: python dashboards/generate.py"
+    assert set(BOARDS) == {n for n in built if "/" not in n}
     for name, text in built.items():
         assert (DASHBOARDS / name).read_text() == text, \
             f"dashboards/{name} is stale: run python dashboards/generate.py and commit the JSON"
@@ -377,16 +380,27 @@ def test_datasource_uid_matches_provisioning():
 
 
 def test_dashboard_provider_matches_compose_mounts():
+    """Each Grafana service sees its own flavour at the provider's path, home page included."""
     provider = yaml.safe_load((PROVISIONING / "dashboards" / "mlsli.yaml").read_text())
     (p,) = provider["providers"]
+    path = p["options"]["path"]
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    grafana = compose["services"]["grafana"]
-    mounts = dict(v.split(":")[:2][::-1] for v in grafana["volumes"])
-    assert mounts[p["options"]["path"]] == "./dashboards"
-    assert mounts["/etc/grafana/provisioning"] == "./provisioning"
-    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert home.startswith(p["options"]["path"] + "/")
-    assert json.loads((DASHBOARDS / home.rsplit("/", 1)[1]).read_text())["title"] == "Model quality"
+    for service, source in (("grafana", DASHBOARDS / "infinity"), ("grafana11", DASHBOARDS)):
+        grafana = compose["services"][service]
+        mounts = {dst: src for src, dst in (v.split(":")[:2] for v in grafana["volumes"])}
+        assert mounts["/etc/grafana/provisioning/dashboards/mlsli.yaml"] == \
+            "./provisioning/dashboards/mlsli.yaml"
+        seen = {}
+        for dst, src in mounts.items():
+            if dst == path:  # a directory of dashboards
+                seen.update({f.name: f for f in (ROOT / src).glob("*.json")})
+            elif dst.startswith(path + "/"):
+                seen[dst.rsplit("/", 1)[1]] = ROOT / src
+        assert set(seen) == set(GEN.DASHBOARDS), service
+        assert all(f.resolve().parent == source for f in seen.values()), service
+        home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+        assert home.startswith(path + "/")
+        assert json.loads(seen[home.rsplit("/", 1)[1]].read_text())["title"] == "Model quality"
 
 
 def test_unit_overrides_give_every_metric_its_unit():

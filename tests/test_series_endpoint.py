@@ -23,7 +23,6 @@ from tests.test_metrics_oracle import (
     THRESHOLDS,
     WINDOWS,
     _check_series,
-    _iso,
     _load,
     _matches,
 )
@@ -95,7 +94,7 @@ def test_series_equals_query_and_sklearn(http, loaded_clf):
             if group_by:
                 assert isinstance(row[group_by], str), ctx
         step_ms = None
-        for name, datapoints in by_series.items():
+        for datapoints in by_series.values():
             ts = [t for _, t in datapoints]
             if len(ts) > 1:
                 step_ms = ts[1] - ts[0]

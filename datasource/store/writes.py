@@ -1,0 +1,287 @@
+"""Writes: staged upserts of predictions and feedback with rollup upkeep, rebuild and check.
+
+Each write batch, under a per-model advisory lock, subtracts the old contribution of the
+keys it touches, upserts the raw rows and adds their new contribution, in one transaction:
+the rollup always equals a rebuild from raw rows (``rebuild_rollup`` / ``check_rollup``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterable, Sequence
+
+from datasource.records import FeedbackRows, PredictionRows
+from datasource.store.catalog import Model, _segset_ids, list_models
+from datasource.store.partials import (
+    COUNT_PARTIALS,
+    EPS,
+    LOCK_NAMESPACE,
+    MINUTE_BUCKET,
+    PARTIALS,
+    all_contributions,
+    cols,
+    partial_type,
+    partials_fingerprint,
+    select_partials,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+def _rollup_columns(cur) -> set[str]:
+    cur.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_name = 'rollup' AND table_schema = current_schema()"
+    )
+    return {r[0] for r in cur.fetchall()}
+
+
+def sync_partials(conn) -> bool:
+    """Derive the rollup's partial columns from ``PARTIALS`` and rebuild every model's rollup
+    when the declared set changed since the last start (its fingerprint is stored in
+    ``partial_set``). Needs the owner role (it may ALTER the table); runs with the migrations.
+    Returns whether the rollup was rebuilt."""
+    fingerprint = partials_fingerprint()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, 0)", {"ns": LOCK_NAMESPACE})
+        cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
+        row = cur.fetchone()
+        if row and row[0] == fingerprint:
+            conn.commit()
+            return False
+        for name in sorted(set(PARTIALS) - _rollup_columns(cur)):
+            cur.execute(f"ALTER TABLE rollup ADD COLUMN {name} {partial_type(name)} NOT NULL DEFAULT 0")
+        models = list_models(conn)
+        log.warning("the declared partial set changed (fingerprint %s): rebuilding the rollup of "
+                    "%d model(s)", fingerprint[:12], len(models))
+        rows = sum(rebuild_rollup(conn, m) for m in models)
+        cur.execute(
+            "INSERT INTO partial_set (id, fingerprint) VALUES (1, %(f)s)"
+            " ON CONFLICT (id) DO UPDATE SET fingerprint = excluded.fingerprint, updated_at = now()",
+            {"f": fingerprint})
+    conn.commit()
+    log.warning("rollup rebuilt: %d rows", rows)
+    return True
+
+
+def check_schema(conn) -> None:
+    """Fail fast when the rollup does not hold the declared partials (``sync_partials`` not run)."""
+    with conn.cursor() as cur:
+        missing = set(PARTIALS) - _rollup_columns(cur)
+        cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
+        row = cur.fetchone()
+    conn.rollback()
+    if missing:
+        raise RuntimeError(f"rollup table lacks partial columns {sorted(missing)}; run the migrations")
+    if not row or row[0] != partials_fingerprint():
+        raise RuntimeError("the rollup was built for another partial set; run the migrations")
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _copy_rows(cur, table: str, columns: str, rows: Iterable[Sequence]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    buf.seek(0)
+    cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buf)
+
+
+def _contributions_into_delta(cur, model: Model, sign: int) -> None:
+    """Add sign x the partials of the joined rows whose keys are in ``stage_keys``."""
+    cur.execute(
+        f"""
+        INSERT INTO rollup_delta (segset_id, bucket_end, {cols()})
+        SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
+               {MINUTE_BUCKET},
+               {", ".join(f"%(sign)s * ({expr})" for expr in PARTIALS.values())}
+        FROM stage_keys k
+        JOIN predictions p ON p.model_id = %(m)s AND p.output_id = k.output_id
+        LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = k.output_id
+        GROUP BY GROUPING SETS (({MINUTE_BUCKET}, p.segset_id), ({MINUTE_BUCKET}))
+        """,
+        {"m": model.model_id, "thr": model.threshold, "eps": EPS, "sign": sign},
+    )
+
+
+def _begin_write(cur, model: Model) -> int:
+    """Serialize writers of one model (old/new contributions must not interleave)."""
+    cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
+    cur.execute("SELECT nextval('write_revision')")
+    revision = cur.fetchone()[0]
+    cur.execute(
+        f"CREATE TEMP TABLE rollup_delta (segset_id int, bucket_end bigint,"
+        f" {', '.join(f'{c} double precision' for c in PARTIALS)}) ON COMMIT DROP"
+    )
+    return revision
+
+
+def _merge_delta(cur, model: Model, revision: int) -> None:
+    sums = ", ".join(
+        f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
+    )
+    cur.execute(
+        f"""
+        INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})
+        SELECT %(m)s, segset_id, bucket_end, %(rev)s, {sums}
+        FROM rollup_delta GROUP BY segset_id, bucket_end
+        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
+          revision = excluded.revision,
+          {", ".join(f"{c} = rollup.{c} + excluded.{c}" for c in PARTIALS)}
+        """,
+        {"m": model.model_id, "rev": revision},
+    )
+    # Made per batch from the declared partials: a partial added since the connection opened
+    # gets its column (the table is dropped here, and at commit if a statement failed).
+    cur.execute("DROP TABLE rollup_delta")
+
+
+def _staged_upsert(cur, model: Model, stage_columns: str, rows: Iterable[Sequence],
+                   upsert_sql: str) -> None:
+    """COPY rows into ``stage``, then: minus the old contributions of their keys, upsert, plus
+    the new ones, merge into the rollup. The per-model lock makes this atomic for readers of
+    the rollup and for other writers."""
+    revision = _begin_write(cur, model)
+    cur.execute(f"CREATE TEMP TABLE stage ({stage_columns}) ON COMMIT DROP")
+    names = ", ".join(c.split()[0] for c in stage_columns.split(","))
+    _copy_rows(cur, "stage", names, rows)
+    cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage")
+    # Without statistics on the temp table the planner hash-joins all of predictions for the
+    # delta queries (measured: 1.91 s -> 1.05 s for a 50K batch on a 1M-row table).
+    cur.execute("ANALYZE stage_keys")
+    _contributions_into_delta(cur, model, -1)
+    cur.execute(upsert_sql, {"m": model.model_id})
+    _contributions_into_delta(cur, model, +1)
+    _merge_delta(cur, model, revision)
+    cur.execute("DROP TABLE stage, stage_keys")
+
+
+def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
+    """Upsert validated predictions and keep the rollup equal to the raw rows.
+
+    Runs in the caller's transaction; the caller commits (one batch, one transaction).
+    Returns the number of distinct output ids written (a repeated id: the last wins).
+    """
+    if not rows.ids:
+        return 0
+    segset_ids = _segset_ids(conn, model.model_id, rows.segments)
+    last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
+    with conn.cursor() as cur:
+        _staged_upsert(
+            cur, model,
+            "output_id text, ts timestamptz, score double precision, segset_id int, features jsonb",
+            ((oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i], rows.features_json[i])
+             for oid, i in last.items()),
+            """
+            INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features)
+            SELECT %(m)s, output_id, ts, score, segset_id, features FROM stage
+            ON CONFLICT (model_id, output_id) DO UPDATE SET
+              ts = excluded.ts, score = excluded.score, segset_id = excluded.segset_id,
+              features = excluded.features, written_at = now()
+            """)
+        names = sorted(rows.feature_names)
+        if names:
+            cur.execute(
+                "INSERT INTO model_features (model_id, name) SELECT %(m)s, unnest(%(n)s::text[])"
+                " ON CONFLICT DO NOTHING", {"m": model.model_id, "n": names})
+    return len(last)
+
+
+def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
+    """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact.
+
+    A label changes only its prediction's label-dependent partials, so the old and the new
+    contribution are read in one pass before the upsert: each staged key joins its
+    prediction once, with its stored label (sign -1, none if absent) and its new one (+1).
+    """
+    if not rows.ids:
+        return 0
+    last = {oid: i for i, oid in enumerate(rows.ids)}
+    with conn.cursor() as cur:
+        revision = _begin_write(cur, model)
+        cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, label double precision)"
+                    " ON COMMIT DROP")
+        _copy_rows(cur, "stage", "output_id, ts, label",
+                   ((oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()))
+        cur.execute("ANALYZE stage")
+        cur.execute(
+            f"""
+            INSERT INTO rollup_delta (segset_id, bucket_end, {cols()})
+            SELECT segset_id, bucket_end, {", ".join(f"sum(sign * {c})" for c in PARTIALS)}
+            FROM (
+              SELECT f.sign, CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END
+                               AS segset_id,
+                     {MINUTE_BUCKET} AS bucket_end, {select_partials()}
+              FROM stage s
+              JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id
+              CROSS JOIN LATERAL (
+                SELECT -1 AS sign, old.label FROM (SELECT 1) AS one
+                LEFT JOIN feedback old ON old.model_id = %(m)s AND old.output_id = s.output_id
+                UNION ALL
+                SELECT 1, s.label
+              ) f
+              GROUP BY GROUPING SETS ((f.sign, {MINUTE_BUCKET}, p.segset_id),
+                                      (f.sign, {MINUTE_BUCKET}))
+            ) c
+            GROUP BY segset_id, bucket_end
+            """,
+            {"m": model.model_id, "thr": model.threshold, "eps": EPS})
+        cur.execute(
+            """
+            INSERT INTO feedback (model_id, output_id, ts, label)
+            SELECT %(m)s, output_id, ts, label FROM stage
+            ON CONFLICT (model_id, output_id) DO UPDATE SET
+              ts = excluded.ts, label = excluded.label, written_at = now()
+            """, {"m": model.model_id})
+        _merge_delta(cur, model, revision)
+        cur.execute("DROP TABLE stage")
+    return len(last)
+
+
+def rebuild_rollup(conn, model: Model) -> int:
+    """Recompute the model's rollup from raw rows; returns the number of rollup rows."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
+        cur.execute("SELECT nextval('write_revision')")
+        revision = cur.fetchone()[0]
+        cur.execute("DELETE FROM rollup WHERE model_id = %(m)s", {"m": model.model_id})
+        cur.execute(
+            f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})"
+            f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {cols()} FROM ({all_contributions()}) c",
+            {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision},
+        )
+        return cur.rowcount
+
+
+def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
+    """Differences between the stored rollup and a rebuild from raw rows (empty: consistent).
+
+    Counts must match exactly; float sums within ``rel_tol`` (they are added and
+    subtracted in a different order). A missing row equals a row of zeros.
+    """
+    diffs = []
+    with conn.cursor() as cur:
+        cur.execute(
+            f"""
+            SELECT coalesce(r.segset_id, c.segset_id), coalesce(r.bucket_end, c.bucket_end),
+                   {", ".join(f"coalesce(r.{n}, 0), coalesce(c.{n}, 0)" for n in PARTIALS)}
+            FROM (SELECT * FROM rollup WHERE model_id = %(m)s) r
+            FULL JOIN ({all_contributions()}) c USING (segset_id, bucket_end)
+            """,
+            {"m": model.model_id, "thr": model.threshold, "eps": EPS},
+        )
+        for row in cur:
+            segset, bucket = row[0], row[1]
+            for j, name in enumerate(PARTIALS):
+                stored, rebuilt = float(row[2 + 2 * j]), float(row[3 + 2 * j])
+                if name in COUNT_PARTIALS:
+                    bad = stored != rebuilt
+                else:
+                    bad = abs(stored - rebuilt) > rel_tol * max(1.0, abs(rebuilt))
+                if bad:
+                    diffs.append({"segset_id": segset, "bucket_end": bucket, "partial": name,
+                                  "stored": stored, "rebuilt": rebuilt})
+    return diffs
