@@ -1,6 +1,6 @@
 # The mlsli image: the datasource (gunicorn) by default; the loader runs the same image with
 # another command (see docker-compose.yml). Slim Python, hashed lock file, non-root.
-FROM python:3.11-slim
+FROM python:3.11.13-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

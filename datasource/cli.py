@@ -16,7 +16,8 @@ COMMANDS = {
     "serve": "serve the datasource: gunicorn, or Flask's development server with --dev",
     "demo": "the whole stack without Docker: embedded PostgreSQL, the datasource, the replay",
     "load": "the NYC-taxi loader: generate, train, backfill, live, run (python -m loader)",
-    "migrate": "apply the schema migrations to DATABASE_URL (or the embedded PostgreSQL)",
+    "migrate": "apply the schema migrations to DATABASE_URL (or the embedded PostgreSQL), "
+               "as the schema's owner",
 }
 
 
@@ -63,17 +64,18 @@ def migrate(argv: list[str]) -> int:
                         "under $DATA_DIR)")
     p.add_argument("--data-dir", default=None, help="embedded PostgreSQL's directory "
                                                      "(default $DATA_DIR or .data)")
+    p.add_argument("--rw-role", default=None,
+                   help="then grant this role read/write on every table (the server's role)")
+    p.add_argument("--read-role", default=None, help="and this one SELECT only")
     args = p.parse_args(argv)
     from datasource import db
     from datasource.config import Settings
 
     settings = Settings.from_env(database_url=args.database_url, data_dir=args.data_dir)
-    conn = db.connect(db.resolve_url(settings.database_url, settings.data_dir),
-                      statement_timeout_ms=0)
-    try:
-        applied = db.migrate(conn)
+    try:  # as the schema's owner: db.migrate, then the grants (datasource/roles.sql)
+        applied = db.migrate_as_owner(settings.database_url, data_dir=settings.data_dir,
+                                      rw_role=args.rw_role, read_role=args.read_role)
     finally:
-        conn.close()
         db.stop_embedded()
     print(f"applied {', '.join(applied)}" if applied else "the schema is up to date")
     return 0

@@ -13,6 +13,7 @@ server side), so they validate and write alike and leave identical tables behind
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -56,8 +57,10 @@ class Client:
 
     @classmethod
     def remote(cls, base_url: str, token: str | None = None, batch_size: int = 5_000,
-               timeout: float = 120.0) -> Client:
-        return cls(_Remote(base_url, token, batch_size, timeout))
+               timeout: float = 120.0, retries: int = 8) -> Client:
+        """``retries``: how often a request is sent again while the server is down or answers
+        502/503/504 (waits of 0.5 s doubling to 10 s: about a minute with the default)."""
+        return cls(_Remote(base_url, token, batch_size, timeout, retries))
 
     def register_model(self, name: str, task: str = "binary_classification",
                        threshold: float | None = None, description: str = "") -> dict:
@@ -162,9 +165,11 @@ class _Local:
 
 
 class _Remote:
-    def __init__(self, base_url: str, token: str | None, batch_size: int, timeout: float):
+    def __init__(self, base_url: str, token: str | None, batch_size: int, timeout: float,
+                 retries: int = 8):
         import requests
 
+        self.retries = retries  # about a minute of 0.5 s … 10 s waits
         self.base = base_url.rstrip("/")
         self.batch_size = batch_size
         self.timeout = timeout
@@ -174,13 +179,32 @@ class _Remote:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _post(self, path: str, body: dict) -> dict:
-        resp = self.session.post(self.base + path, data=json.dumps(body, default=_jsonable),
-                                 timeout=self.timeout)
+        data = json.dumps(body, default=_jsonable)
+        resp = self._send(lambda: self.session.post(self.base + path, data=data, timeout=self.timeout))
         payload = resp.json() if resp.content else {}
         if resp.status_code >= 400:
             raise records.BatchError(payload.get("message", resp.text), payload.get("errors"),
                                      status=resp.status_code)
         return payload
+
+    def _send(self, request):
+        """Send, retrying while the server is unreachable or answers 502/503/504 (a restart, the
+        database coming back): writes are upserts, so sending a batch again changes nothing."""
+        import requests
+
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                resp = request()
+            except requests.ConnectionError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if resp.status_code not in (502, 503, 504) or attempt == self.retries:
+                    return resp
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
 
     def register_model(self, body: dict) -> dict:
         return self._post("/api/v1/models", body)
@@ -196,7 +220,8 @@ class _Remote:
         return self._post("/api/v1/references", {"model": model, **body})["columns"]
 
     def latest_prediction_ts(self, model: str):
-        resp = self.session.get(f"{self.base}/api/v1/models/{model}", timeout=self.timeout)
+        resp = self._send(lambda: self.session.get(f"{self.base}/api/v1/models/{model}",
+                                                   timeout=self.timeout))
         if resp.status_code >= 400:
             raise records.BatchError(resp.json().get("message", resp.text), status=resp.status_code)
         latest = resp.json().get("latest_prediction_ts")

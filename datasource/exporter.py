@@ -67,7 +67,6 @@ DEFAULT_METRICS = {
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 _INGEST_ENDPOINTS = {"api.write_predictions": "predictions", "api.write_feedback": "feedback"}
 _END_CHOICES = ("now", "latest")
-_ALL_TIME_G = store.ROLLUP_BUCKET_S * 10**9  # one bucket that holds all time
 _HWM_FILE = "mlsli_counter_high_water.json"  # not *.db: MultiProcessCollector ignores it
 
 # Instrumented metrics: in no registry of their own; each scrape builds one (see metrics()).
@@ -179,11 +178,7 @@ class Snapshot:
 
 def _totals(conn, model: store.Model) -> dict[str, float]:
     """All-time counts from the rollup's all-segments rows (segset 0), at the model's threshold."""
-    cols = ("n_pred", "n_lab", "tp", "fp", "sum_label")
-    df = store.partials_by_bucket(conn, model, g_s=_ALL_TIME_G, lo_s=None, hi_s=2**62,
-                                  segset_ids=None, by_segset=False, threshold=model.threshold,
-                                  from_rollup=True, columns=cols)
-    tot = {c: float(df[c].sum()) if not df.empty else 0.0 for c in cols}
+    tot = store.rollup_totals(conn, model, ("n_pred", "n_lab", "tp", "fp", "sum_label"))
     out = {"predictions": tot["n_pred"], "labeled": tot["n_lab"]}
     if model.is_classifier:
         # correct = tp + tn, tn = labeled negatives not predicted positive

@@ -370,18 +370,20 @@ class Service:
         out: list = []
         with self.pool.connection() as conn:
             resolver = Resolver(conn, self.prefix)
-            for t in targets:
-                self._bound_statements(conn)
+            for i, t in enumerate(targets):
+                self._bound_statements(conn, first=i == 0)
                 out.extend(self._answer(conn, resolver, t, rng, filters, memo))
         return out
 
-    def _bound_statements(self, conn) -> None:
-        """One deadline for the whole request: no statement of the next target may outlive it
-        (SET LOCAL ends with the request's transaction), and none starts after it."""
+    def _bound_statements(self, conn, first: bool) -> None:
+        """One deadline for the whole request: no statement of a target may outlive it
+        (SET LOCAL ends with the request's transaction), and no target after the first starts
+        past it (the first always runs, bounded by what is left: a budget too small for one
+        statement is then the database's timeout)."""
         if self.deadline is None:
             return
         remaining_ms = int((self.deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0:
+        if remaining_ms <= 0 and not first:
             raise engine.ComputeTimeout("the request ran past its time budget")
         with conn.cursor() as cur:
             cur.execute("SET LOCAL statement_timeout = %s", (max(remaining_ms, 1),))

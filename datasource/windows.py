@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 import numpy as np
 
@@ -33,8 +32,6 @@ MAX_GRID_BUCKETS = 5_000_000  # buckets of gcd(window, step) per series (partial
 MAX_TARGETS = 50  # targets per request
 MAX_POINTS_PER_REQUEST = 2_000_000  # points x series x targets of one request
 MAX_STEP_S = 3660 * 86400  # an intervalMs beyond ten years is not a step
-_MIN_EPOCH_S = -2208988800.0  # 1900-01-01, as for ingested timestamps (records.py)
-_MAX_EPOCH_S = 7258118400.0  # 2200-01-01
 
 _WINDOW_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 
@@ -128,27 +125,17 @@ def parse_mode(text: object) -> str:
 
 
 def parse_time(value: object, field: str) -> float:
-    """Grafana range bounds: ISO-8601 strings (UTC) or epoch milliseconds -> epoch seconds.
+    """Range bounds as epoch seconds, by the one time parser of the project
+    (``records.parse_ts``: ISO-8601, naive meaning UTC, or epoch milliseconds; finite, between
+    1900 and 2200, so nothing reaches the grid arithmetic as nan/inf or overflows)."""
+    from datasource.records import parse_ts
 
-    NaN, infinities and times outside 1900-2200 (``1e300``) are refused: they
-    would reach the grid arithmetic as nan/inf or overflow datetime.
-    """
-    seconds = None
     try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            seconds = float(value) / 1000.0
-        elif isinstance(value, str):
-            ts = datetime.fromisoformat(value.strip())
-            if ts.tzinfo is None:
-                ts = ts.replace(tzinfo=UTC)
-            seconds = ts.timestamp()
-    except (ValueError, OverflowError):
-        pass
-    if seconds is None:
-        raise WindowError(f"range.{field} must be an ISO-8601 time or epoch milliseconds")
-    if not (math.isfinite(seconds) and _MIN_EPOCH_S <= seconds < _MAX_EPOCH_S):
-        raise WindowError(f"range.{field} must be a finite time between 1900 and 2200")
-    return seconds
+        return parse_ts(value).timestamp()
+    except ValueError as e:
+        if "1900" in str(e) or "finite" in str(e):
+            raise WindowError(f"range.{field} must be a finite time between 1900 and 2200") from None
+        raise WindowError(f"range.{field} must be an ISO-8601 time or epoch milliseconds") from None
 
 
 def _interval_s(interval_ms: object) -> int:

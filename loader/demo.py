@@ -203,20 +203,24 @@ def instructions(args, url: str) -> str:
         where = "dashboards (in the mlsli repository)"
     boards = " and ".join(f"{where}/{d}" for d in DASHBOARDS)
     reach = url if args.host not in ("0.0.0.0", "::") else f"http://<this machine>:{args.port}"
+    infinity = " and ".join(f"{where}/infinity/{d}" for d in DASHBOARDS)
     return f"""
+  SLI browser {reach}/   (open it in a browser)
   datasource  {url}   (log: {args.data_dir / "datasource.log"})
   replay      taxi-high-tip: train on January 2020, backfill January-February, then live
               from {LIVE_FROM} at {args.speed:g} seconds of 2020 per second
 
-To watch it in an existing Grafana (10 or newer) with the simpod-json-datasource plugin 0.6.5
-(grafana cli plugins install simpod-json-datasource 0.6.5):
-  1. Connections > Data sources > Add new data source > JSON (simpod-json-datasource)
-       URL: {reach}   Access: Server (default)   > Save & test
+To watch it in an existing Grafana 12 (or 11.6+) with the Infinity datasource 3.11.1
+(grafana cli plugins install yesoreyeram-infinity-datasource 3.11.1):
+  1. Connections > Data sources > Add new data source > Infinity
+       Base URL: {reach}   Allowed hosts: {reach}   > Save & test
      (Grafana in Docker: run the demo with --host 0.0.0.0 and use
       http://host.docker.internal:{args.port})
-  2. Dashboards > New > Import > upload {boards};
+  2. Dashboards > New > Import > upload {infinity};
      their "Datasource" dropdown picks that datasource.
   3. Open "Model quality": time range January to May 2020; the SLIs move as March replays.
+In Grafana 10-11, the same with the JSON datasource (simpod-json-datasource 0.6.5, URL {reach},
+Access: Server) and {boards}.
 
 Ctrl-C (or closing the terminal) stops the replay, the datasource and PostgreSQL.
 """

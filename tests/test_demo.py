@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -151,9 +152,16 @@ def _assert_all_stopped(base: str, data_dir: Path, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    """One data directory for the first start (Ctrl-C) and the second (hang-up)."""
-    return tmp_path_factory.mktemp("demo") / "demo-data"
+def demo_dir():
+    """One data directory for the first start (Ctrl-C) and the second (hang-up).
+
+    Not under pytest's tmp dirs: each pytest session resets /tmp/pytest-of-USER to mode 0700,
+    and the embedded PostgreSQL runs as another user (``postgres`` when we are root), which
+    then loses its way to the data if another session starts meanwhile.
+    """
+    base = Path(tempfile.mkdtemp(prefix="mlsli-demo-"))
+    yield base / "demo-data"
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to check for leftovers")
@@ -185,6 +193,11 @@ def _first_start(data_dir: Path, tmp_path: Path) -> None:
                           _points(base, "prediction_count", "1d")), 60, proc, log)
         text = log.read_text(errors="replace")
         assert f"http://127.0.0.1:{port}" in text and "dashboards/model-quality.json" in text
+        # the SLI browser's address comes first, and it answers a browser with the page
+        assert text.index(f"SLI browser http://127.0.0.1:{port}/") < text.index("datasource  http")
+        req = urllib.request.Request(base + "/", headers={"Accept": "text/html"})
+        with urllib.request.urlopen(req, timeout=10) as page:
+            assert page.status == 200 and "text/html" in page.headers["Content-Type"]
         # backfill and live both load the model: its training event is recorded (and told) once
         assert text.count("recorded the training event") == 1, text
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from datasource import create_app
@@ -272,8 +274,8 @@ def test_statement_timeout_answers_503_instead_of_hanging(database_url, loaded):
         for _ in range(5):
             r = app.test_client().post("/query", json=body)
             statuses.add(r.status_code)
-            if r.status_code == 503:
-                assert "statement timeout" in r.get_json()["message"]
+            if r.status_code == 503:  # a statement cut by the timeout, or the request's deadline
+                assert re.search("statement timeout|time budget", r.get_json()["message"])
         assert 503 in statuses
     finally:
         app.extensions["pool"].close()

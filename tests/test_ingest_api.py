@@ -198,3 +198,41 @@ def test_local_and_remote_client_paths_agree(clean_db, app):
         server.shutdown()
     assert snapshots[0] == snapshots[1]
     assert len(snapshots[0][0]) == 200 and len(snapshots[0][3]) == 2
+
+
+def test_remote_client_waits_for_a_server_that_comes_back(app, clean_db):
+    """The live replay survives a datasource restart: Client.remote retries while nothing
+    listens (then 503s would be retried alike), and the upserts make a resend harmless."""
+    import socket
+    import threading
+    import time
+
+    from werkzeug.serving import make_server
+
+    from datasource.client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    servers = []
+
+    def start_later():
+        time.sleep(1.5)
+        server = make_server("127.0.0.1", port, app, threaded=True)
+        servers.append(server)
+        server.serve_forever()
+
+    threading.Thread(target=start_later, daemon=True).start()
+    t0 = time.monotonic()
+    c = Client.remote(f"http://127.0.0.1:{port}", retries=6)
+    try:
+        c.register_model("m", threshold=0.5)
+        assert time.monotonic() - t0 >= 1.4  # it waited for the server
+        assert c.write_predictions("m", [{"id": "a", "ts": 1580515200000, "score": 0.4}]) == 1
+        assert c.write_predictions("m", [{"id": "a", "ts": 1580515200000, "score": 0.4}]) == 1
+    finally:
+        c.close()
+        for server in servers:
+            server.shutdown()
+    body = app.test_client().get("/api/v1/models/m").get_json()
+    assert body["predictions"] == 1

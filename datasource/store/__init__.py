@@ -45,6 +45,7 @@ from datasource.store.reads import (
     joined_rows,
     latest_prediction_ts,
     partials_by_bucket,
+    rollup_totals,
     table_counts,
 )
 from datasource.store.writes import (
@@ -60,7 +61,7 @@ __all__ = [
     "COUNT_PARTIALS", "EPS", "PARTIALS", "ROLLUP_BUCKET_S", "Model", "add_event", "bucket_revisions",
     "check_rollup", "check_schema", "column_rows", "feature_names", "get_model", "joined_rows",
     "latest_prediction_ts", "list_events", "list_models", "partial_type", "partials_by_bucket",
-    "partials_fingerprint", "rebuild_rollup", "reference_column", "reference_names", "segment_sets",
+    "partials_fingerprint", "rebuild_rollup", "rollup_totals", "reference_column", "reference_names", "segment_sets",
     "set_reference", "sync_partials", "table_counts", "upsert_model", "write_feedback",
     "write_predictions",
 ]

@@ -165,3 +165,14 @@ def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
     rows = np.frombuffer(data, dtype=row, count=n, offset=header)
     return pd.DataFrame({name: rows[name].astype(np.int64 if name == "segset_id" else np.float64)
                          for name in names})
+
+
+def rollup_totals(conn, model: Model, columns: Sequence[str]) -> dict[str, float]:
+    """All-time sums of some partials, from the rollup's all-segments rows (one aggregate, no
+    rows to the client: what the Prometheus counters read every scrape)."""
+    names = [c for c in columns if c in PARTIALS]  # identifiers only from the declaration
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {', '.join(f'coalesce(sum({c}), 0)' for c in names)} FROM rollup"
+                    " WHERE model_id = %(m)s AND segset_id = 0", {"m": model.model_id})
+        row = cur.fetchone()
+    return {c: float(v) for c, v in zip(names, row, strict=True)}
