@@ -504,3 +504,38 @@ def table(header: list[str], rows: list[list[str]]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def bulk_fill(url: str, data: Synthetic, description: str, batch: int = 50_000) -> None:
+    """Write ``data`` into a fresh database with the bulk client (progress bars on stderr), mark
+    the model with ``description`` (how a later run recognizes the fill), then VACUUM ANALYZE
+    and CHECKPOINT, so that the load's dirty pages are not written while a benchmark measures."""
+    import psycopg2
+    from tqdm import tqdm
+
+    from datasource import db
+    from datasource.client import Client
+
+    with Client.local(database_url=url, batch_size=batch) as client:
+        client.register_model(MODEL, description="filling")
+        for kind, n, make, write in (
+                ("predictions", len(data), prediction_records, client.write_predictions),
+                ("feedback", len(data.fb_index), feedback_records, client.write_feedback)):
+            with tqdm(total=n, desc=f"fill {kind}", unit="rows", unit_scale=True, leave=False,
+                      file=sys.stderr, mininterval=0.5, disable=None) as bar:
+                for lo in range(0, n, batch):
+                    hi = min(lo + batch, n)
+                    write(MODEL, make(data, lo, hi))
+                    bar.update(hi - lo)
+        client.register_model(MODEL, description=description)
+    conn = db.connect(url, statement_timeout_ms=0)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("VACUUM ANALYZE")
+            try:
+                cur.execute("CHECKPOINT")
+            except psycopg2.Error:
+                pass  # needs superuser or pg_checkpoint on a shared server
+    finally:
+        conn.close()

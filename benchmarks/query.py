@@ -46,7 +46,6 @@ import requests
 from tqdm import tqdm
 
 from datasource import db, store
-from datasource.client import Client
 
 DB_NAME = "mlsli_bench_query"
 DATA_VERSION = 1  # bump when synthesize() changes
@@ -90,30 +89,7 @@ def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool) ->
         return url
     url = common.fresh_database(server, DB_NAME)
     t0 = time.perf_counter()
-    batch = 50_000
-    with Client.local(database_url=url, batch_size=batch) as client:
-        client.register_model(common.MODEL, description="filling")
-        for kind, n, make, write in (
-                ("predictions", len(data), common.prediction_records, client.write_predictions),
-                ("feedback", len(data.fb_index), common.feedback_records, client.write_feedback)):
-            with tqdm(total=n, desc=f"fill {kind}", unit="rows", unit_scale=True, leave=False,
-                      file=sys.stderr, mininterval=0.5, disable=None) as bar:
-                for lo in range(0, n, batch):
-                    hi = min(lo + batch, n)
-                    write(common.MODEL, make(data, lo, hi))
-                    bar.update(hi - lo)
-        client.register_model(common.MODEL, description=_tag(len(data), seed))
-    conn = db.connect(url, statement_timeout_ms=0)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("VACUUM ANALYZE")
-            try:  # write the load's dirty pages now, not while we measure
-                cur.execute("CHECKPOINT")
-            except psycopg2.Error:
-                pass  # needs superuser or pg_checkpoint on a shared server
-    finally:
-        conn.close()
+    common.bulk_fill(url, data, _tag(len(data), seed))
     print(f"filled {DB_NAME} with the bulk client, then VACUUM ANALYZE and CHECKPOINT, in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return url

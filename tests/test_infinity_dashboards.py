@@ -26,6 +26,7 @@ from tests.test_dashboards import (
     GEN,
     MODEL,
     _range_of,
+    _walk,
     datasource,  # noqa: F401  (the filled app, module-scoped)
     query_body,
     send,
@@ -124,16 +125,6 @@ def test_infinity_dashboard_mirrors_its_simpod_twin(name):
             and isinstance(node["datasource"], dict)]
     assert refs and all(n["datasource"] == GEN.INFINITY_DS for n in refs)
     assert "simpod" not in json.dumps(inf)
-
-
-def _walk(node, path=""):
-    if isinstance(node, dict):
-        yield path, node
-        for k, v in node.items():
-            yield from _walk(v, f"{path}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _walk(v, f"{path}[{i}]")
 
 
 def test_infinity_interpolation_emulation():
