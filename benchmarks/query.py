@@ -397,6 +397,15 @@ def build_cases(args) -> list[Case]:
              _panel({}, {"roc_auc": sk_roc_auc}, p7, HOUR_S), cold=True, points=len(p7)),
         Case("c_warm", "(c) 1h-sliding roc_auc, 7 days, 5 m step: warm (cached)",
              grafana_body([target("roc_auc")], **week), baseline_key="c_cold", points=len(p7)),
+        Case("c_binned", "(c) the same, method=binned (score bins; vs exact sklearn)",
+             grafana_body([target("roc_auc", method="binned")], **week), baseline_key="c_cold",
+             cold=True, points=len(p7)),
+        Case("g_est", "(g) 1h-sliding estimated_accuracy (CBPE), 7 days, 5 m step",
+             grafana_body([target("estimated_accuracy")], **week), points=len(p7)),
+        Case("g_asof", "(g) (b) as_of=point (labels known at each point; raw rows)",
+             grafana_body([target("accuracy", as_of="point")], **week), points=len(p7)),
+        Case("g_raw", "(g) (b) at threshold 0.123 (off the bin grid: raw rows)",
+             grafana_body([target("accuracy", threshold="0.123")], **week), points=len(p7)),
         Case("f_cold", "(f) 1h-sliding median score, 7 days, 5 m step: cold",
              grafana_body([target("quantile", column="score", quantile="0.5")], **week),
              _panel({"left": True}, {"quantile": np_median_score}, p7, HOUR_S), cold=True,
@@ -408,10 +417,10 @@ def build_cases(args) -> list[Case]:
              grafana_body([target(m, chr(ord("A") + i)) for i, m in enumerate(DASHBOARD_METRICS)],
                           **week),
              _panel({"left": True}, sk_dashboard(0.5), p7, HOUR_S), points=len(p7)),
-        Case("e_a_thr", "(e) (a) at threshold 0.3 (raw path)",
+        Case("e_a_thr", "(e) (a) at threshold 0.3 (score bins)",
              grafana_body([target("accuracy", threshold="0.3", **cum)], **panel),
              _single_value({}, 0.3, "accuracy"), points=len(p30)),
-        Case("e_b_thr", "(e) (b) at threshold 0.3 (raw path)",
+        Case("e_b_thr", "(e) (b) at threshold 0.3 (score bins)",
              grafana_body([target("accuracy", threshold="0.3")], **week),
              _panel({}, {"accuracy": acc3}, p7, HOUR_S), points=len(p7)),
         Case("e_a_filter", "(e) (a) with ad hoc filter borough=Manhattan",
@@ -506,6 +515,14 @@ def measure_baseline(case: Case, essay: Essay, reps: int, load: common.OtherLoad
     case.result.update(base_p50=common.pct(secs, 50), base_n=len(runs), base_note=runs[0].note,
                        base_others=load.cores(t0, load.now()),
                        base_values=runs[0].values)
+
+
+def server_rss_mb(server: common.Gunicorn) -> float:
+    """Resident memory of gunicorn's master and workers (what the issue's RSS row asks)."""
+    import psutil
+
+    master = psutil.Process(server.proc.pid)
+    return sum(p.memory_info().rss for p in [master, *master.children(recursive=True)]) / 2**20
 
 
 def check(case: Case, base: Case) -> str:
@@ -695,6 +712,7 @@ def main(argv: list[str] | None = None) -> None:
             for c in [c for c in cases if not c.cold]:
                 measure_http(c, url, server, args.reps, args.cold_reps, load,
                              args.quiet_wait)
+            rss_mb = server_rss_mb(server)
         t_http = time.perf_counter() - t_http
 
         t_base = time.perf_counter()
@@ -733,6 +751,7 @@ def main(argv: list[str] | None = None) -> None:
               "requests; cold roc_auc: cache cleared before each)\n")
         print(common.table(["case", "in-process", *PROFILE_PARTS, "rest", "HTTP p50",
                             "response"], profile))
+    print(f"\nserver RSS after the warm cases (gunicorn master + workers): {rss_mb:,.0f} MB")
     common.print_machine(info)
     print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}")
     print(f"benchmark wall time: {time.perf_counter() - started:.0f} s "

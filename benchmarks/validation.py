@@ -12,9 +12,11 @@ client's (Python dicts):
   (epoch-ms or ISO timestamps, the time bounds, segment and feature limits), which
   ``records`` then has to run anyway.
 
-msgspec stops at the first error, so a batch with errors would still need the
-hand-written pass to name every bad record. Run: ``python benchmarks/validation.py``
-(msgspec is pinned in requirements-dev.txt; the server does not use it).
+msgspec stops at the first error, so a batch with errors still needs the hand-written
+pass to name every bad record: the server's fast path (``datasource.fastparse``, msgspec
+pinned in requirements.txt) decodes with msgspec and falls back to ``records`` for a batch
+it does not recognise as valid; ``benchmarks/ingest.py --compare-parse`` measures it over
+HTTP. Run: ``python benchmarks/validation.py``.
 """
 
 import json
@@ -42,7 +44,7 @@ def _records_json(n: int) -> tuple[list[dict], bytes]:
     return recs, json.dumps({"model": "m", "records": recs}).encode()
 
 
-import msgspec  # noqa: E402  (a benchmark-only dependency)
+import msgspec  # noqa: E402
 
 
 class Prediction(msgspec.Struct):

@@ -101,6 +101,9 @@ TABLE_COLUMNS = {
                       ("psi", "number"), ("js_distance", "number"), ("ks_pvalue", "number"),
                       ("ks_statistic", "number"), ("wasserstein", "number"),
                       ("chi2_pvalue", "number"), ("chi2_statistic", "number")),
+    "label_settling": (("day", "string"), ("predictions", "number"), ("after 1h", "number"),
+                       ("after 6h", "number"), ("after 1d", "number"), ("after 2d", "number"),
+                       ("after 7d", "number"), ("now", "number")),
 }
 SERIES_COLUMNS = (("time", "timestamp_epoch"), ("value", "number"), ("series", "string"))
 ANNOTATION_COLUMNS = (("time", "time", "timestamp_epoch"), ("time_end", "timeEnd", "timestamp_epoch"),
@@ -552,6 +555,29 @@ def model_quality() -> dict:
                                          {"id": "decimals", "value": 1}]},
                          {"matcher": {"id": "byName", "options": "count"},
                           "properties": [{"id": "unit", "value": "short"}]}]),
+        timeseries("Estimated (CBPE) and realized accuracy", "Accuracy estimated from the "
+                   "scores of every prediction, labeled or not (NannyML's CBPE, scores "
+                   "calibrated by isotonic regression on the 'training' reference), against the "
+                   "accuracy of the labeled ones: the estimate is there before the labels; the "
+                   "gap once labels arrive is its error. CBPE sees shifts in the scores, not "
+                   "concept drift (a changed relation between features and labels).",
+                   (0, 37, 12, 8),
+                   [code_target("A", "accuracy", **sli),
+                    code_target("B", "estimated_accuracy", **sli, calibration="isotonic",
+                                reference="training")],
+                   names={"A": "realized", "B": "estimated (CBPE)"}),
+        timeseries("Accuracy as known at the time, and now", "Each point of the first series "
+                   "uses only the feedback that had arrived by its time (as_of = point): what a "
+                   "live dashboard or an alert saw then. The second uses every label known now. "
+                   "The gap is the late-label bias.", (12, 37, 12, 8),
+                   [code_target("A", "accuracy", **sli, as_of="point"),
+                    code_target("B", "accuracy", **sli)],
+                   names={"A": "as known at the time", "B": "as known now"}),
+        table("Label settling (selected range)", "Per day: accuracy as it was known 1 h, 6 h, "
+              "1 d, 2 d and 7 d after the day closed, and now; how long to wait before a day's "
+              "value can be trusted.", (0, 45, 24, 8),
+              [code_target("A", "label_settling", model="$model", threshold="$threshold",
+                           of="accuracy")]),
     ]
     return dashboard(MODEL_QUALITY_UID, "Model quality",
                      "Joined SLIs of a model: predictions and delayed feedback over any window, "

@@ -11,7 +11,7 @@ import hmac
 
 from flask import Blueprint, current_app, jsonify, request
 
-from datasource import http, ingest
+from datasource import fastparse, http, ingest
 from datasource.records import BatchError
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -48,11 +48,19 @@ def _json_body() -> object:
     return http.json_body(request)
 
 
-def _batch_body() -> tuple[object, object]:
-    """(model, records) from a JSON object body or NDJSON lines with ?model=NAME."""
+def _batch_body(kind: str) -> tuple[object, object]:
+    """(model, records) from a JSON object body or NDJSON lines with ?model=NAME.
+
+    A JSON body goes through the fast path first (``datasource.fastparse``, unless
+    FAST_PARSE=0): then the records are a ``FastBatch`` that ``ingest`` takes as they are."""
     if (request.mimetype or "") in http.NDJSON_TYPES:
         return request.args.get("model"), http.ndjson_lines(request)
-    body = _json_body()
+    raw = http.body_bytes(request)
+    if _settings().fast_parse:
+        fast = fastparse.decode(kind, raw, _settings().max_batch_records)
+        if fast is not None:
+            return fast.model, fast
+    body = http.loads(raw)
     if not isinstance(body, dict):
         raise BatchError("body must be a JSON object {\"model\": NAME, \"records\": [...]}")
     if "records" not in body:
@@ -84,7 +92,7 @@ def get_model(name: str):
 @bp.post("/predictions")
 def write_predictions():
     _require_token()
-    model, recs = _batch_body()
+    model, recs = _batch_body("predictions")
     with _pool().connection() as conn:
         n = ingest.write_predictions(conn, model, recs, _settings().max_batch_records)
     return jsonify({"written": n})
@@ -93,7 +101,7 @@ def write_predictions():
 @bp.post("/feedback")
 def write_feedback():
     _require_token()
-    model, recs = _batch_body()
+    model, recs = _batch_body("feedback")
     with _pool().connection() as conn:
         n = ingest.write_feedback(conn, model, recs, _settings().max_batch_records)
     return jsonify({"written": n})

@@ -63,6 +63,12 @@ def _register_errors(app: Flask) -> None:
         return jsonify({"message": "the query exceeded the statement timeout; "
                                    "narrow the time range or widen the step"}), 503
 
+    @app.errorhandler(psycopg2.errors.SerializationFailure)  # 40001, e.g. a replica's
+    @app.errorhandler(psycopg2.errors.DeadlockDetected)  # recovery conflict: retry later
+    def transient(e):
+        log.warning("transient database conflict: %s", str(e).splitlines()[0] if str(e) else e)
+        return jsonify({"message": "the database cancelled the query (a conflict); retry"}), 503
+
     @app.errorhandler(ComputeTimeout)
     def compute_timeout(e):
         return jsonify({"message": f"{e}; narrow the time range, widen the step or "

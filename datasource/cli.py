@@ -4,11 +4,15 @@
 ``mlsli load`` (the taxi loader, ``python -m loader``) and ``mlsli migrate``. ``demo`` and
 ``load`` hand every argument after them to those programs, ``--help`` included, so their help
 stays the one source of their options.
+
+Every command needs the server's dependencies (``pip install "mlsli[server]"``); on the base
+install (requests only, for ``Client.remote``) they say so instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -19,6 +23,14 @@ COMMANDS = {
     "migrate": "apply the schema migrations to DATABASE_URL (or the embedded PostgreSQL), "
                "as the schema's owner",
 }
+
+
+# What the commands import (the [server] extra); the base install has none of them.
+SERVER_MODULES = ("flask", "gunicorn", "psycopg2", "numpy", "pandas", "sklearn")
+
+
+def missing_server_modules() -> list[str]:
+    return [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -87,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args(argv)  # prints the usage or the help, and exits
         return 2
     command, rest = argv[0], argv[1:]
+    missing = missing_server_modules()
+    if missing:
+        print(f"mlsli {command} needs the server's dependencies ({', '.join(missing)} not "
+              'installed): pip install "mlsli[server]" (from a clone: pip install ".[server]"). '
+              "This install is the HTTP client's (datasource.client.Client.remote).",
+              file=sys.stderr)
+        return 1
     if command == "serve":
         return serve(rest)
     if command == "migrate":

@@ -8,6 +8,10 @@ Two transports, one behaviour:
 
 Both go through the write service ``datasource.ingest`` (the remote one on the
 server side), so they validate and write alike and leave identical tables behind.
+
+``Client.remote`` needs only ``requests`` (the base install, ``pip install mlsli``):
+nothing of the server (Flask, pandas, numpy, psycopg2) is imported until
+``Client.local`` is called, which needs ``pip install "mlsli[server]"``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import islice
 
-from datasource import db, ingest, records
 from datasource.config import Settings
+from datasource.errors import ClientError  # records.BatchError is this class
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -37,6 +41,12 @@ def _jsonable(value):
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     raise TypeError(f"cannot send {type(value).__name__} as JSON")
+
+
+def _parse_iso(text: str) -> datetime:
+    """The server's ISO-8601 time as aware UTC (as ``records.parse_ts`` reads it, without numpy)."""
+    ts = datetime.fromisoformat(text.strip())
+    return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _jsonable_value(v):
@@ -109,8 +119,41 @@ class Client:
         self.close()
 
 
+def _server_modules():
+    """The write service and the database layer: the local transport's (server) dependencies."""
+    try:
+        from datasource import db, ingest
+    except ImportError as e:  # a base install: requests only
+        if (e.name or "datasource").startswith("datasource"):
+            raise
+        raise ImportError(f"Client.local needs the server's dependencies ({e.name} is missing): "
+                          'pip install "mlsli[server]"; Client.remote needs only requests') from e
+    return db, ingest
+
+
+def start_embedded(data_dir) -> str:
+    """Start (or join) the embedded PostgreSQL under ``data_dir/pg``, migrated, and return
+    its URL: the database ``Client.local`` uses without ``DATABASE_URL``, for processes that
+    share it (``make demo`` hands it to the server and the loader)."""
+    db, _ = _server_modules()
+    url = db.embedded_url(data_dir)
+    conn = db.connect(url, statement_timeout_ms=0)
+    try:
+        db.migrate(conn)
+    finally:
+        conn.close()
+    return url
+
+
+def stop_embedded() -> None:
+    """Leave the embedded PostgreSQL servers this process joined (the last to leave stops it)."""
+    db, _ = _server_modules()
+    db.stop_embedded()
+
+
 class _Local:
     def __init__(self, settings: Settings, batch_size: int):
+        db, self.ingest = _server_modules()
         self.settings = settings
         self.batch_size = batch_size
         url = db.resolve_url(settings.database_url, settings.data_dir)
@@ -127,7 +170,7 @@ class _Local:
             raise
 
     def register_model(self, body: dict) -> dict:
-        model, created = self._tx(ingest.register_model, body)
+        model, created = self._tx(self.ingest.register_model, body)
         return {"name": model.name, "task": model.task, "threshold": model.threshold,
                 "created": created}
 
@@ -137,6 +180,7 @@ class _Local:
         psycopg2 releases the GIL while the server works, so building and
         validating records overlaps with the upsert and rollup upkeep.
         """
+        ingest = self.ingest
         target = self._tx(ingest.require_model, model)
 
         def prepare():
@@ -152,13 +196,13 @@ class _Local:
         return total
 
     def add_event(self, model: str, body: dict) -> int:
-        return self._tx(ingest.add_event, model, body)
+        return self._tx(self.ingest.add_event, model, body)
 
     def latest_prediction_ts(self, model: str):
-        return self._tx(ingest.latest_prediction_ts, model)
+        return self._tx(self.ingest.latest_prediction_ts, model)
 
     def set_reference(self, model: str, body: dict) -> int:
-        return self._tx(ingest.set_reference, model, body)
+        return self._tx(self.ingest.set_reference, model, body)
 
     def close(self) -> None:
         self.conn.close()
@@ -183,8 +227,8 @@ class _Remote:
         resp = self._send(lambda: self.session.post(self.base + path, data=data, timeout=self.timeout))
         payload = resp.json() if resp.content else {}
         if resp.status_code >= 400:
-            raise records.BatchError(payload.get("message", resp.text), payload.get("errors"),
-                                     status=resp.status_code)
+            raise ClientError(payload.get("message", resp.text), payload.get("errors"),
+                              status=resp.status_code)
         return payload
 
     def _send(self, request):
@@ -223,9 +267,9 @@ class _Remote:
         resp = self._send(lambda: self.session.get(f"{self.base}/api/v1/models/{model}",
                                                    timeout=self.timeout))
         if resp.status_code >= 400:
-            raise records.BatchError(resp.json().get("message", resp.text), status=resp.status_code)
+            raise ClientError(resp.json().get("message", resp.text), status=resp.status_code)
         latest = resp.json().get("latest_prediction_ts")
-        return records.parse_ts(latest) if latest else None
+        return _parse_iso(latest) if latest else None
 
     def close(self) -> None:
         self.session.close()

@@ -23,6 +23,8 @@ class Settings:
     max_batch_records: int = 50_000  # MAX_BATCH_RECORDS: records per ingest request
     max_body_bytes: int = 64 * 1024 * 1024  # MAX_BODY_BYTES: request body limit
     pool_size: int = 8  # POOL_SIZE: connections per server process
+    read_concurrency: int = 2  # READ_CONCURRENCY: reads per process at once (more wait; writes never)
+    fast_parse: int = 1  # FAST_PARSE: 0 validates every JSON ingest body with records.py alone
     metrics_modules: tuple[str, ...] = field(default_factory=tuple)  # METRICS_MODULES (comma list)
     export_config: str | None = None  # EXPORT_CONFIG: YAML of extra SLIs for GET /metrics
     export_window_end: str = "now"  # EXPORT_WINDOW_END: now | latest (each model's last prediction)

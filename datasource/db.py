@@ -14,6 +14,20 @@ role needs only to read and write the data tables (``roles.sql``). With
 ``AUTO_MIGRATE=1`` (the default, for the demo) the gate migrates when the
 schema is behind and its role may; otherwise it answers 503 "schema not
 migrated".
+
+Connections, and who waits for them (issue 12: a writer starved by Grafana's reads).
+Each server process has one pool of ``POOL_SIZE`` connections on DATABASE_URL, opened on
+demand and kept. Writes (``app.extensions["pool"]``: the ingest API) may use all of them.
+Reads (``app.extensions["read_pool"]``: the Grafana doors, ``/api/v1/series``, the
+exporter, model listings) hold at most ``READ_CONCURRENCY`` (2) at once, and never the
+last ``WRITE_RESERVED`` (2) of the pool: a write never waits behind reads for a
+connection, and reads cannot take all the CPU a write needs; further reads wait their
+turn for one of the reads' connections. With DATABASE_READ_URL the reads have a pool of
+``POOL_SIZE`` of their own on that role (``READ_CONCURRENCY`` at once) and the writes
+keep all of DATABASE_URL's. A request that finds its share taken waits up to
+``POOL_WAIT_S`` for a connection, then answers 503 (busy) instead of queueing without
+end. The HTTP side of the same policy is ``datasource.worker``: writes have threads of
+their own, so their requests do not queue behind reads either.
 """
 
 from __future__ import annotations
@@ -129,6 +143,14 @@ def connect(url: str, statement_timeout_ms: int = 10_000):
     return psycopg2.connect(url, **_connect_kwargs(url, statement_timeout_ms))
 
 
+WRITE_RESERVED = 2  # connections of a process's pool that reads may not take (see above)
+POOL_WAIT_S = 30.0  # how long a request waits for a connection before a 503 (Grafana waits 30 s)
+
+
+class PoolBusy(psycopg2.OperationalError):
+    """Every connection a request may use is taken, and none came free in POOL_WAIT_S."""
+
+
 class Pool:
     """A thread-safe pool that hands out connections as context managers.
 
@@ -137,6 +159,7 @@ class Pool:
     down at start-up) and checks each one with ``SELECT 1`` before handing it
     out, replacing those a database restart killed: without it, the first
     requests after a restart got the dead connections and answered 503.
+    With all ``size`` connections in use a request waits (``POOL_WAIT_S``) for one.
     """
 
     def __init__(self, url: str, size: int = 8, statement_timeout_ms: int = 10_000):
@@ -147,6 +170,7 @@ class Pool:
         # Opened none (minconn 0 at construction); keep up to ``size`` idle ones from now on
         # (psycopg2 closes a returned connection when minconn are already idle).
         self._pool.minconn = size
+        self._slots = threading.BoundedSemaphore(size)  # psycopg2's pool raises when empty
 
     def _checked_out(self):
         """A live connection; a dead pooled one is closed and replaced (at most ``size`` times)."""
@@ -164,22 +188,65 @@ class Pool:
 
     @contextlib.contextmanager
     def connection(self):
-        conn = self._checked_out()
-        broken = False
-        try:
-            yield conn
-            conn.commit()
-        except BaseException:
+        with _slot(self._slots, f"all {self.size} database connections"):
+            conn = self._checked_out()
+            broken = False
             try:
-                conn.rollback()
-            except psycopg2.Error:
-                broken = True
-            raise
-        finally:
-            self._pool.putconn(conn, close=broken or bool(conn.closed))
+                yield conn
+                conn.commit()
+            except BaseException:
+                try:
+                    conn.rollback()
+                except psycopg2.Error:
+                    broken = True
+                raise
+            finally:
+                self._pool.putconn(conn, close=broken or bool(conn.closed))
 
     def close(self) -> None:
-        self._pool.closeall()
+        if not self._pool.closed:  # the reads' share closes the same pool
+            self._pool.closeall()
+
+
+class ReadShare:
+    """The reads' share of a pool: at most ``limit`` of its connections at once.
+
+    The rest of the pool stays free for writes (``WRITE_RESERVED``). Closing it closes
+    the pool it shares.
+    """
+
+    def __init__(self, pool: Pool, limit: int):
+        self.pool = pool
+        self.url = pool.url
+        self.size = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def connection(self):
+        with _slot(self._slots, f"the {self.size} database connections reads may use"), \
+                self.pool.connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def read_share(pool: Pool, limit: int = 0, reserve: bool = True) -> ReadShare:
+    """Reads' share of ``pool``: at most ``limit`` connections (0: no limit of its own), and
+    with ``reserve`` (the pool writes use) never the last WRITE_RESERVED of them (a pool of
+    one is shared as it is)."""
+    reserved = min(WRITE_RESERVED, max(0, pool.size - 1)) if reserve else 0
+    return ReadShare(pool, max(1, min(pool.size - reserved, limit or pool.size)))
+
+
+@contextlib.contextmanager
+def _slot(slots: threading.BoundedSemaphore, what: str):
+    if not slots.acquire(timeout=POOL_WAIT_S):
+        raise PoolBusy(f"{what} are busy")
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def migrate(conn) -> list[str]:
@@ -367,8 +434,9 @@ class Gate:
 def init_app(app, settings) -> None:
     """Pools and the readiness gate; never fails for want of a database.
 
-    ``app.extensions["pool"]``: the read-write pool (DATABASE_URL);
-    ``app.extensions["read_pool"]``: DATABASE_READ_URL's (a SELECT-only role) or the same pool.
+    ``app.extensions["pool"]``: the read-write pool (DATABASE_URL), for writes;
+    ``app.extensions["read_pool"]``: DATABASE_READ_URL's (a SELECT-only role), or the reads'
+    share of the read-write pool (all but WRITE_RESERVED of its connections).
     """
     from flask import jsonify
 
@@ -378,9 +446,16 @@ def init_app(app, settings) -> None:
     read_url = getattr(settings, "database_read_url", None)
     app.extensions["db_gate"] = gate
     app.extensions["pool"] = pool
-    app.extensions["read_pool"] = (Pool(read_url, settings.pool_size, settings.statement_timeout_ms)
-                                   if read_url else pool)
+    limit = getattr(settings, "read_concurrency", 0)
+    app.extensions["read_pool"] = read_share(
+        Pool(read_url, settings.pool_size, settings.statement_timeout_ms) if read_url else pool, limit,
+        reserve=not read_url)
     app.before_request(gate.ensure)
+
+    @app.errorhandler(PoolBusy)
+    def pool_busy(e: PoolBusy):
+        log.warning("no free database connection: %s", e)
+        return jsonify({"message": f"the server is busy ({e}); retry"}), 503
 
     @app.errorhandler(NotReady)
     def not_ready(e: NotReady):

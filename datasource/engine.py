@@ -24,12 +24,12 @@ import pandas as pd
 
 from datasource import distributions, store, windows
 from datasource.metrics import REGISTRY, Metric
-from datasource.store import PARTIALS, ROLLUP_BUCKET_S, Model
+from datasource.store import ALL_TIME_S, BIN_BASE_S, N_BINS, PARTIALS, ROLLUP_BUCKET_S, Model
 
 TOP_GROUPS = 10
 OTHER = "other"
 NONE_VALUE = "(none)"
-_TOTAL_G = ROLLUP_BUCKET_S * 10**9  # one bucket that holds all time: for prefix sums
+_TOTAL_G = ALL_TIME_S  # one bucket that holds all time: for prefix sums
 # The drift ranking's statistics, PSI (what it ranks by) first.
 DRIFT_METRICS = sorted((m for m in REGISTRY.values() if m.kind == "drift"), key=lambda m: m.name != "psi")
 
@@ -111,9 +111,18 @@ def _top_groups(volume: pd.Series) -> dict[str, str]:
 # ----------------------------------------------------------------------- partial metrics
 
 
+def _rollup_base(q: Query) -> int | None:
+    """The finest bucket the rollup levels serve this query at: a minute at the model's
+    threshold, 5 minutes (the score bins) at another threshold on the 0.01 grid, None off it."""
+    if not q.model.is_classifier or q.threshold == q.model.threshold:
+        return ROLLUP_BUCKET_S
+    return BIN_BASE_S if store.grid_bin(q.threshold) is not None else None
+
+
 def _use_rollup(q: Query, g: int) -> bool:
-    same_threshold = not q.model.is_classifier or q.threshold == q.model.threshold
-    return g % ROLLUP_BUCKET_S == 0 and same_threshold
+    """Whether the rollup levels answer buckets of g seconds (bounds on the same grid)."""
+    base = _rollup_base(q)
+    return base is not None and g % base == 0
 
 
 @dataclass
@@ -141,8 +150,7 @@ def _partials(conn, q: Query, *, g: int, lo: int | None, hi: int, from_rollup: b
     threshold = q.threshold if q.model.is_classifier else None
     by_segset = q.group_by is not None
     columns = _columns(q, memo)
-    key = (q.model.model_id, g, lo, hi, q.segset_ids, by_segset,
-           None if from_rollup else threshold, from_rollup, columns)  # rollup: model's threshold
+    key = (q.model.model_id, g, lo, hi, q.segset_ids, by_segset, threshold, from_rollup, columns)
     if memo is not None and key in memo.reads:
         return memo.reads[key]
     df = store.partials_by_bucket(
@@ -187,7 +195,7 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int,
     prefix_groups = {}
     if q.window.cumulative:  # the sum before the grid's start, once
         prefix = _partials(conn, q, g=_TOTAL_G, lo=None, hi=start,
-                           from_rollup=from_rollup and start % ROLLUP_BUCKET_S == 0, memo=memo)
+                           from_rollup=from_rollup and _use_rollup(q, start), memo=memo)
         prefix_groups = {k: v[list(cols)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
     out = []
     names = sorted(set(_grouped(df, q)) | set(prefix_groups)) if q.group_by else [""]
@@ -209,6 +217,86 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int,
         values = np.asarray(q.metric.finalize(sums), dtype=np.float64)
         out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
     return out
+
+
+# ----------------------------------------------------------------------- binned metrics
+
+MAX_BIN_CELLS = 1_500_000  # buckets x score bins of one series (5 float arrays: 60 MB)
+
+
+def calibrated_finalizer(q: Query):
+    """CBPE with the isotonic calibrator of ``q.reference`` (one probability per score bin):
+    the estimated_* partial metrics over expected confusion counts, estimated_roc_auc over
+    expected positives and negatives per bin."""
+    from datasource import calibration, metrics
+
+    probs = np.asarray(q.reference, dtype=np.float64)
+    if q.metric.kind == "partial":
+        k = store.grid_bin(q.threshold)
+        return lambda b: q.metric.finalize(calibration.expected_partials(b, probs, k))
+    return lambda b: metrics.binned_auc(b["n"] * probs, b["n"] * (1.0 - probs))
+
+
+def binned_series(conn, q: Query, points: np.ndarray, step: int,
+                  deadline: float | None = None, finalize=None) -> list[Series]:
+    """A raw metric's binned form (payload method=binned) from the score bins of the rollup
+    levels: per-bin partials on a dense bucket grid, prefix-summed, each point's window a
+    difference of two prefix sums, then the metric's ``binned`` finalizer (or ``finalize``)."""
+    finalize = finalize or q.metric.binned
+    g = q.window.bucket(step)
+    start = q.window.grid_start(int(points[0]), step)
+    n_buckets = windows.grid_buckets(int(points[0]), int(points[-1]), step, q.window)
+    if n_buckets * N_BINS > MAX_BIN_CELLS:
+        raise QueryError(f"window {q.window.text} at a {step}s step needs {n_buckets} buckets of "
+                         f"{N_BINS} score bins; choose a longer step")
+    by_segset = q.group_by is not None
+    df = store.score_bins_by_bucket(conn, q.model, g_s=g, lo_s=start, hi_s=int(points[-1]),
+                                    segset_ids=q.segset_ids, by_segset=by_segset)
+    cols = list(store.BIN_PARTIALS)
+    prefix_groups = {}
+    if q.window.cumulative:
+        prefix = store.score_bins_by_bucket(conn, q.model, g_s=_TOTAL_G, lo_s=None, hi_s=start,
+                                            segset_ids=q.segset_ids, by_segset=by_segset)
+        # one bucket ending at _TOTAL_G: row 1 of a two-row grid from 0
+        prefix_groups = {k: _bin_grid(part, cols, 0, _TOTAL_G, 2)[1]
+                         for k, part in _grouped_bins(prefix, q).items()}
+    by_group = _grouped_bins(df, q)
+    names = sorted(set(by_group) | set(prefix_groups)) if q.group_by else [""]
+    pidx = (points - start) // g
+    out = []
+    for name in names:
+        _check_deadline(deadline, f"{q.metric.name} over {len(points)} points")
+        part = by_group.get(name)
+        csum = np.cumsum(_bin_grid(part, cols, start, g, n_buckets + 1), axis=0)
+        if q.window.cumulative:
+            win = csum[pidx] + prefix_groups.get(name, np.zeros((N_BINS, len(cols))))
+        else:
+            win = csum[pidx] - csum[pidx - q.window.width(step) // g]
+        values = finalize({c: win[:, :, j] for j, c in enumerate(cols)})
+        out.append(Series(name, points, np.asarray(values, dtype=np.float64),
+                          {q.group_by: name} if q.group_by else {}))
+    return out
+
+
+def _bin_grid(part: pd.DataFrame | None, cols: list[str], start: int, g: int, rows: int) -> np.ndarray:
+    """(rows, N_BINS, partials) dense array of bucket index x bin x partial."""
+    dense = np.zeros((rows, N_BINS, len(cols)))
+    if part is not None and not part.empty:
+        idx = (part["bucket_end"].to_numpy(np.int64) - start) // g
+        np.add.at(dense, (idx, part["bin"].to_numpy(np.int64)), part[cols].to_numpy(np.float64))
+    return dense
+
+
+def _grouped_bins(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
+    groups = _group_of(q)
+    if groups is None:
+        return {"": df}
+    if df.empty:
+        return {}
+    df = df.assign(group=df["segset_id"].map(groups).fillna(NONE_VALUE))
+    mapping = _top_groups(df.groupby("group")["n"].sum())
+    df["group"] = df["group"].map(mapping)
+    return dict(iter(df.groupby("group", sort=True)))
 
 
 # ----------------------------------------------------------------------- raw metrics
@@ -438,18 +526,47 @@ def drift_table(conn, q: Query, from_s: float, to_s: float, columns_refs: list) 
 
 
 def series(conn, q: Query, points: np.ndarray, step: int,
-           deadline: float | None = None, memo: RequestMemo | None = None) -> list[Series]:
+           deadline: float | None = None, memo: RequestMemo | None = None,
+           end_at_data: bool = False) -> list[Series]:
     """One series (or one per group) of the metric at each point.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the Python side of raw
-    metrics, as the statement timeout bounds the SQL side.
+    metrics, as the statement timeout bounds the SQL side. ``end_at_data``: a cumulative
+    line stops one step after the model's latest prediction instead of running flat into
+    the future (what a panel draws; an exporter's "now" keeps its value).
     """
+    out = _series(conn, q, points, step, deadline, memo)
+    if end_at_data and q.window.cumulative and len(points):
+        latest = store.latest_prediction_ts(conn, q.model)
+        if latest is not None:
+            past = points - step >= latest.timestamp()
+            if past.any():
+                for s in out:
+                    s.values = np.where(past, np.nan, s.values)
+    return out
+
+
+def _series(conn, q: Query, points: np.ndarray, step: int,
+            deadline: float | None, memo: RequestMemo | None) -> list[Series]:
     if len(points) == 0:
         return [] if q.group_by else [Series("", points, np.empty(0))]
+    binned_ok = q.window.bucket(step) % BIN_BASE_S == 0
+    if q.param_dict.get("calibration") == "isotonic":
+        if not binned_ok:
+            raise QueryError(f"calibration=isotonic reads the score bins: window {q.window.text} "
+                             f"and the {step}s step must be multiples of 5 minutes")
+        return binned_series(conn, q, points, step, deadline, calibrated_finalizer(q))
+    if "as_of" in q.param_dict:  # labels as known at a time: from raw rows and feedback times
+        from datasource import asof
+
+        return asof.series(conn, q, points, step, deadline)
     if q.metric.kind == "partial":
         return partial_series(conn, q, points, step, memo, deadline)
     if q.metric.kind in ("column", "drift"):
         return column_series(conn, q, points, step, deadline)
+    if q.param_dict.get("method") == "binned" and binned_ok:
+        # (a bucket finer than the score bins' 5 minutes falls back to the exact method)
+        return binned_series(conn, q, points, step, deadline)
     return raw_series(conn, q, points, step, deadline)
 
 
@@ -463,13 +580,14 @@ def _range_rows(conn, q: Query, from_s: float, to_s: float) -> pd.DataFrame:
 
 def confusion_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
     """Actual x predicted counts for labeled predictions with ts in (from, to]."""
-    aligned = from_s % ROLLUP_BUCKET_S == 0 and to_s % ROLLUP_BUCKET_S == 0
+    aligned = from_s % ROLLUP_BUCKET_S == 0 and to_s % ROLLUP_BUCKET_S == 0 and \
+        _use_rollup(q, int(from_s)) and _use_rollup(q, int(to_s))
     ungrouped = Query(q.model, q.metric, q.window, q.threshold, q.segset_ids, None,
                       q.segsets, q.params)
     needed = RequestMemo(("fp", "n_lab", "sum_label", "tp"))
     df = _partials(conn, ungrouped, g=_TOTAL_G, lo=int(from_s) if aligned else from_s,
                    hi=int(to_s) if aligned else to_s,
-                   from_rollup=aligned and _use_rollup(q, ROLLUP_BUCKET_S), memo=needed)
+                   from_rollup=aligned, memo=needed)
     cols = list(_columns(q, needed))
     tot = df[cols].sum() if not df.empty else pd.Series(0.0, index=cols)
     tp, fp = int(tot["tp"]), int(tot["fp"])
@@ -502,4 +620,8 @@ def table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
         return confusion_table(conn, q, from_s, to_s)
     if q.metric.name == "calibration":
         return calibration_table(conn, q, from_s, to_s)
+    if q.metric.name == "label_settling":
+        from datasource import asof
+
+        return asof.settling_table(conn, q, from_s, to_s)
     raise QueryError(f"{q.metric.name} is not a table metric")

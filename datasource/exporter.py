@@ -50,7 +50,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from datasource import engine, store, windows
+from datasource import engine, windows
 from datasource import metrics as metric_registry
 from datasource import query as query_service
 
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("exporter", __name__)
 
 SNAPSHOT_TTL_S = 10.0
-STEP_S = store.ROLLUP_BUCKET_S  # window ends on whole minutes: the rollup answers
+STEP_S = query_service.rollup_bucket_s()  # window ends on whole minutes: the rollup answers
 DEFAULT_WINDOWS = ("1h", "1d")
 DEFAULT_METRICS = {
     metric_registry.CLF: ("accuracy", "label_coverage", "prediction_count"),
@@ -146,7 +146,7 @@ def load_config(path: str | None) -> tuple[list[Entry], bool]:
     return out, bool(doc.get("include_defaults", True))
 
 
-def entries_for(model: store.Model, extra: list[Entry], defaults: bool) -> list[Entry]:
+def entries_for(model: query_service.Model, extra: list[Entry], defaults: bool) -> list[Entry]:
     """The SLIs exported for one model: the default set for its task, then the config's."""
     out = []
     if defaults:
@@ -176,9 +176,9 @@ class Snapshot:
     ok: bool
 
 
-def _totals(conn, model: store.Model) -> dict[str, float]:
+def _totals(conn, model: query_service.Model) -> dict[str, float]:
     """All-time counts from the rollup's all-segments rows (segset 0), at the model's threshold."""
-    tot = store.rollup_totals(conn, model, ("n_pred", "n_lab", "tp", "fp", "sum_label"))
+    tot = query_service.totals(conn, model, ("n_pred", "n_lab", "tp", "fp", "sum_label"))
     out = {"predictions": tot["n_pred"], "labeled": tot["n_lab"]}
     if model.is_classifier:
         # correct = tp + tn, tn = labeled negatives not predicted positive
@@ -186,7 +186,7 @@ def _totals(conn, model: store.Model) -> dict[str, float]:
     return out
 
 
-def _sli_values(conn, model: store.Model, entries: list[Entry], end: int,
+def _sli_values(conn, model: query_service.Model, entries: list[Entry], end: int,
                 deadline: float | None) -> list[tuple[dict, float]]:
     """Each entry's value at ``end``, from the engine as the Grafana routes ask it."""
     resolver = query_service.Resolver(conn)
@@ -306,9 +306,9 @@ def compute_snapshot(pool, settings, extra: list[Entry], defaults: bool,
     slis, ends, counts = [], {}, {}
     try:
         with pool.connection() as conn:
-            for model in store.list_models(conn):
+            for model in query_service.Catalog(conn).models():
                 if settings.export_window_end == "latest":
-                    latest = store.latest_prediction_ts(conn, model)
+                    latest = query_service.latest_prediction_ts(conn, model)
                     if latest is None:
                         continue
                     end = window_end(latest.timestamp())

@@ -230,6 +230,18 @@ def _payload_fields(metric: metric_registry.Metric) -> list[dict]:
     if "reference" in metric.payloads:
         fields.append({"name": "reference", "label": "Reference", "type": "select", "width": 24,
                        "placeholder": "training"})
+    if metric.kind in ("partial", "raw") and not metric.name.startswith("estimated_"):
+        fields.append({"name": "as_of", "label": "As of", "type": "input", "width": 14,
+                       "placeholder": "latest | point | a time"})
+    if "calibration" in metric.payloads:
+        fields.append({"name": "calibration", "label": "Calibration", "type": "select", "width": 12,
+                       "options": [{"label": c, "value": c} for c in metric_registry.CALIBRATIONS]})
+    if "of" in metric.payloads:
+        fields.append({"name": "of", "label": "SLI", "type": "input", "width": 14,
+                       "placeholder": "accuracy"})
+    if "method" in metric.payloads:
+        fields.append({"name": "method", "label": "Method", "type": "select", "width": 12,
+                       "options": [{"label": m, "value": m} for m in metric_registry.METHODS]})
     if "bins" in metric.payloads:
         fields.append({"name": "bins", "label": "Bins", "type": "input", "width": 10,
                        "placeholder": "auto (Freedman–Diaconis)"})

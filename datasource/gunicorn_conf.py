@@ -1,12 +1,15 @@
-"""gunicorn settings for Prometheus multiprocess mode: ``gunicorn -c datasource/gunicorn_conf.py``.
+"""gunicorn settings: ``gunicorn -c datasource/gunicorn_conf.py`` (as the image runs it).
 
-Each worker writes its counters and histograms to files in
+The worker class is ``datasource.worker.Worker``: gthread, with ingest writes on threads of
+their own, so that a writer's batch never queues behind Grafana's reads (issue 12).
+
+Prometheus multiprocess mode: each worker writes its counters and histograms to files in
 ``PROMETHEUS_MULTIPROC_DIR`` and a scrape (any worker) sums them. The variable
 must be set in the environment before gunicorn starts (the Dockerfile does),
 because prometheus_client picks its storage when first imported. Files left by
 an earlier run would be added to the new counts, so the master empties the
 directory before it forks; a dead worker's live gauges are dropped.
-Without the variable this file changes nothing.
+Without the variable the hooks below do nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+worker_class = "datasource.worker.Worker"
 
 
 def on_starting(server) -> None:

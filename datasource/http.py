@@ -22,6 +22,9 @@ Use::
     body = http.json_body(request)                       # any JSON value
     body = http.json_body(request, expect=dict)          # 400 unless an object
     body = http.json_body(request, empty={})             # blank body -> {}
+    raw = http.body_bytes(request)                       # 415 unless JSON; then
+    value = fast(raw) if http.plain(raw) else None       # another decoder on plain bytes,
+    value = http.loads(raw) if value is None else value  # or this one (every check)
     recs = http.ndjson_lines(request)                    # one record a line
     http.check_url(request)                              # NUL in path or query -> 400
 """
@@ -43,6 +46,11 @@ _MISSING = object()
 
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # \u0000 not itself escaped
+# A \uD800-\uDFFF escape that is not half of a pair: Python reads it into a string that
+# PostgreSQL (UTF-8) cannot store, so it is refused here as the client's mistake.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 # Numbers that may not fit a float: a long digit run or a 3-digit positive exponent, found
 # with bytes.translate and ``in`` (C speed; a regex scan costs 0.7 s on a 12 MB batch).
 _NUMBER_SHAPE = bytes.maketrans(b"0123456789eE+", b"0000000000ee+")
@@ -77,9 +85,11 @@ def json_depth(raw: bytes) -> int:
     whose running sum is the depth. numpy works in chunks, so memory stays
     bounded whatever the body size.
     """
-    if raw.count(b"[") + raw.count(b"{") <= 1:
-        return int(b"[" in raw or b"{" in raw)
-    shape = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    if b"\\" in raw:  # a byte search: most bodies have no escape to drop
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    shape = raw.translate(None, _NOT_STRUCTURE)
+    if shape.count(b"[") + shape.count(b"{") <= 1:
+        return int(b"[" in shape or b"{" in shape)
     arr = np.frombuffer(shape, dtype=np.uint8)
     deepest, level, quotes = 0, 0, 0
     for start in range(0, len(arr), _CHUNK):
@@ -94,6 +104,11 @@ def json_depth(raw: bytes) -> int:
             deepest = max(deepest, int(running.max()))
             level = int(running[-1])
     return deepest
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Nesting deeper than MAX_JSON_DEPTH (which takes more than twice as many bytes)."""
+    return len(raw) > 2 * MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH
 
 
 def _reject_constant(name: str):
@@ -113,18 +128,48 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+def _may_overflow(raw: bytes) -> bool:
+    """Whether ``raw`` may hold a number that does not fit a double (a false alarm costs time only)."""
+    shape = raw.translate(_NUMBER_SHAPE)
+    return _LONG_DIGITS in shape or b"e000" in shape or b"e+000" in shape
+
+
+def plain(raw: bytes) -> bool:
+    """Whether ``loads`` would read ``raw`` without meeting any of its special cases: UTF-8,
+    no NUL escape, no number that may not fit a double, nesting within MAX_JSON_DEPTH.
+
+    Only such bytes may go to another decoder (the ingest fast path, ``datasource.fastparse``):
+    where both succeed, they read the same values. Any other body goes to ``loads``, which
+    refuses it or reads it with its checks, so each limit stays in this one place.
+    """
+    if (b"\\" in raw and b"\\u0000" in raw) or _may_overflow(raw):
+        return False
+    if b"\\u" in raw and _LONE_SURROGATE.search(raw):
+        return False
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")  # strict: json.loads would take encoded surrogates, or UTF-16
+        except UnicodeDecodeError:
+            return False
+    return not _too_deep(raw)
+
+
 def loads(raw: bytes | str, where: str = "request body") -> object:
     """Parse one JSON text with every check above; ``where`` names it in messages."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
-    if b"\\u0000" in raw:
+    if b"\\" in raw and b"\\u0000" in raw:
         m = _NUL_ESCAPE.search(raw)
         if m:
             raise _error(f"{where}: strings must not contain NUL (\\u0000), at "
                          f"{_line_col(raw, m.end() - 6)}")
+    if b"\\u" in raw:
+        m = _LONE_SURROGATE.search(raw)
+        if m:
+            raise _error(f"{where}: a \\u escape at {_line_col(raw, m.start())} is half of a "
+                         "UTF-16 surrogate pair; strings must be valid Unicode")
     hooks = {}
-    shape = raw.translate(_NUMBER_SHAPE)
-    if _LONG_DIGITS in shape or b"e000" in shape or b"e+000" in shape:
+    if _may_overflow(raw):
         hooks = {"parse_float": _finite_float, "parse_int": _bounded_int}
     try:
         value = json.loads(raw, parse_constant=_reject_constant, **hooks)
@@ -136,7 +181,7 @@ def loads(raw: bytes | str, where: str = "request body") -> object:
         raise _error(f"{where} nests objects/arrays deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as e:  # our hooks, or CPython's 4300-digit limit on int()
         raise _error(f"{where}: {e}; JSON numbers must be finite and fit a double") from None
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+    if _too_deep(raw):
         raise _error(f"{where} nests objects/arrays deeper than {MAX_JSON_DEPTH} levels")
     return value
 
@@ -159,6 +204,14 @@ def json_body(request, *, allowed: tuple[str, ...] = JSON_TYPES, expect: type | 
         kind = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
         raise _error(f"request body must be {kind}")
     return value
+
+
+def body_bytes(request, *, allowed: tuple[str, ...] = JSON_TYPES) -> bytes:
+    """The request's raw body, read (413 past MAX_BODY_BYTES) before its content type is
+    checked (415), as ``json_body`` does; for ``plain`` and ``loads`` to take in turn."""
+    raw = request.get_data(cache=False)
+    _check_content_type(request, allowed)
+    return raw
 
 
 def ndjson_lines(request, *, allowed: tuple[str, ...] = NDJSON_TYPES) -> list:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from datasource import records, store
+from datasource import fastparse, records, store
 
 
 def require_model(conn, name: object) -> store.Model:
@@ -37,7 +37,15 @@ KINDS = ("predictions", "feedback")
 
 def parse_batch(kind: str, model: store.Model, recs: object, max_records: int):
     """Validate one batch of ``kind`` records for ``model`` (no database work: the bulk client
-    runs it in a thread while PostgreSQL writes the previous batch)."""
+    runs it in a thread while PostgreSQL writes the previous batch).
+
+    ``recs`` is a list of records, or a ``fastparse.FastBatch`` decoded from an HTTP body:
+    its rows when they are valid for the model's task, else records.py on its records."""
+    if isinstance(recs, fastparse.FastBatch):
+        rows = recs.rows_for(model.task)
+        if rows is not None:
+            return rows
+        recs = recs.records()
     parse = records.parse_predictions if kind == "predictions" else records.parse_feedback
     return parse(recs, model.task, max_records)
 

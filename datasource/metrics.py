@@ -62,6 +62,9 @@ class Metric:
     labeled_only: bool = True
     payloads: tuple = field(default_factory=tuple)  # extra payload field names
     source: str = "builtin"
+    # raw metrics with payload method=binned: fn(dict of (points, N_BINS) arrays n, pos, neg,
+    # sum_score, sum_score_lab) -> (points,) from the score bins of the rollup levels
+    binned: Callable | None = None
 
     @property
     def column_kinds(self) -> tuple[str, ...]:
@@ -177,6 +180,66 @@ def _non_empty(p, values):
     return np.where(np.asarray(p["n_pred"]) > 0, values, np.nan)
 
 
+CALIBRATION_BINS = 10
+
+# ----------------------------------------------------------------------- binned metrics
+# From the score bins (store.BIN_PARTIALS) of each window, arrays of shape (points, bins):
+# bins are ordered score intervals [k/100, (k+1)/100), so pairs in different bins are ranked
+# exactly and only pairs within one bin count as ties.
+
+
+def binned_auc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """ROC AUC from per-bin positives and negatives, pairs within a bin counted 1/2: equal to
+    roc_auc_score on the scores replaced by their bin, and within
+    ``binned_auc_bound`` of the exact ROC AUC."""
+    above = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1] - pos  # positives in higher bins
+    pairs = np.sum(neg * (above + pos / 2.0), axis=1)
+    return _div(pairs, pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def binned_auc_bound(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """|binned - exact ROC AUC| <= sum_b pos_b neg_b / (2 P N): only pairs within one bin can be
+    ordered either way, and each counts 1/2 instead of 0 or 1. Zero when every bin holds one
+    distinct score (scores on the grid k/100)."""
+    return _div(np.sum(pos * neg, axis=1) / 2.0, pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def binned_average_precision(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Average precision with each bin one threshold step, highest first: equal to
+    average_precision_score on the scores replaced by their bin."""
+    tp = np.cumsum(pos[:, ::-1], axis=1)
+    k = np.cumsum((pos + neg)[:, ::-1], axis=1)
+    precision = _div(tp, k)
+    steps = pos[:, ::-1] * np.nan_to_num(precision)
+    return _div(np.sum(steps, axis=1), pos.sum(axis=1))
+
+
+def binned_calibration(b: dict, n_bins: int = CALIBRATION_BINS):
+    """Per tenth [k/10, (k+1)/10) (the last also holds 1): count, mean score and observed rate
+    of labeled predictions, as unions of the fine bins. Arrays (points, n_bins)."""
+    fine = b["pos"].shape[1] - 1  # the bins of width 1/fine, plus one for score 1
+    group = np.minimum(np.arange(fine + 1) * n_bins // fine, n_bins - 1)
+
+    def coarse(x):
+        out = np.zeros((x.shape[0], n_bins))
+        np.add.at(out.T, group, x.T)
+        return out
+
+    count = coarse(b["pos"] + b["neg"])
+    return count, _div(coarse(b["sum_score_lab"]), count), _div(coarse(b["pos"]), count)
+
+
+def binned_ece(b: dict) -> np.ndarray:
+    count, mean_score, rate = binned_calibration(b)
+    gap = np.where(count > 0, np.abs(np.nan_to_num(mean_score) - np.nan_to_num(rate)), 0.0)
+    return _div(np.sum(count * gap, axis=1), count.sum(axis=1))
+
+
+def binned_estimated_auc(b: dict) -> np.ndarray:
+    """CBPE's ROC AUC over the bins: each prediction s expected positive, 1 - s negative."""
+    return binned_auc(b["sum_score"], b["n"] - b["sum_score"])
+
+
 # ----------------------------------------------------------------------- raw metrics
 
 
@@ -205,9 +268,6 @@ def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
     precision = tp / k
     recall_steps = np.diff(np.r_[0.0, tp]) / n_pos
     return float(np.sum(recall_steps * precision))
-
-
-CALIBRATION_BINS = 10
 
 
 def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = CALIBRATION_BINS):
@@ -259,6 +319,12 @@ def _mape(w) -> float:
 # ----------------------------------------------------------------------- registry
 
 _P = "partial"
+_METHOD = ("method",)  # exact (raw rows, default) or binned (score bins)
+METHODS = ("exact", "binned")
+# CBPE's calibrator: none (scores taken as calibrated) or isotonic, fitted on the score and
+# label columns of a stored reference (payload reference, default "training")
+CALIBRATIONS = ("none", "isotonic")
+_CALIBRATED = ("calibration", "reference")
 _CM = ("fp", "n_lab", "sum_label", "tp")  # the confusion matrix: fn and tn follow
 _EST = ("n_pred", "n_pred_pos", "sum_score", "sum_score_pos")  # CBPE's expected confusion matrix
 _BUILTINS: list[Metric] = [
@@ -298,25 +364,25 @@ _BUILTINS: list[Metric] = [
     Metric("label_coverage", "Label coverage", "Labeled predictions / predictions.",
            BOTH, _P, finalize=lambda p: _div(p["n_lab"], p["n_pred"]), labeled_only=False, needs=("n_lab", "n_pred")),
     Metric("estimated_accuracy", "Estimated accuracy (CBPE)",
-           "Expected accuracy over all predictions, labeled or not, scores taken as calibrated.",
+           "Expected accuracy over all predictions, labeled or not (calibration: none takes scores as probabilities; isotonic fits them on a labeled reference).",
            frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(tp + tn, tp + fp + fn + tn)),
-           needs=_EST, uses_threshold=True, labeled_only=False),
+           needs=_EST, uses_threshold=True, labeled_only=False, payloads=_CALIBRATED),
     Metric("estimated_precision", "Estimated precision (CBPE)",
-           "Expected precision over all predictions, scores taken as calibrated.",
+           "Expected precision over all predictions (calibration none or isotonic, as estimated_accuracy).",
            frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(tp, tp + fp)),
-           needs=_EST, uses_threshold=True, labeled_only=False),
+           needs=_EST, uses_threshold=True, labeled_only=False, payloads=_CALIBRATED),
     Metric("estimated_recall", "Estimated recall (CBPE)",
-           "Expected recall over all predictions, scores taken as calibrated.",
+           "Expected recall over all predictions (calibration none or isotonic, as estimated_accuracy).",
            frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(tp, tp + fn)),
-           needs=_EST, uses_threshold=True, labeled_only=False),
+           needs=_EST, uses_threshold=True, labeled_only=False, payloads=_CALIBRATED),
     Metric("estimated_f1", "Estimated F1 (CBPE)",
-           "Expected F1 over all predictions, scores taken as calibrated.",
+           "Expected F1 over all predictions (calibration none or isotonic, as estimated_accuracy).",
            frozenset({CLF}), _P, finalize=_estimated(lambda tp, fp, fn, tn: _div(2 * tp, 2 * tp + fp + fn)),
-           needs=_EST, uses_threshold=True, labeled_only=False),
+           needs=_EST, uses_threshold=True, labeled_only=False, payloads=_CALIBRATED),
     Metric("estimated_roc_auc", "Estimated ROC AUC (CBPE)",
            "ROC AUC expected from the scores of all predictions, each counting s positive and 1 - s negative.",
            frozenset({CLF}), "raw", unit="none", raw=lambda w: estimated_roc_auc(w.y_score),
-           labeled_only=False),
+           labeled_only=False, payloads=_METHOD + _CALIBRATED, binned=binned_estimated_auc),
     Metric("mae", "MAE", "Mean absolute error.", frozenset({REG}), _P, unit="none",
            finalize=lambda p: _div(p["sum_abs_err"], p["n_lab"]), needs=("n_lab", "sum_abs_err")),
     Metric("mse", "MSE", "Mean squared error.", frozenset({REG}), _P, unit="none",
@@ -332,20 +398,31 @@ _BUILTINS: list[Metric] = [
            frozenset({REG}), _P, unit="none", finalize=lambda p: _div(p["sum_err"], p["n_lab"]), needs=("n_lab", "sum_err")),
     Metric("mape", "MAPE", "Mean absolute percentage error (scikit-learn's definition).",
            frozenset({REG}), "raw", unit="none", raw=_mape),
-    Metric("roc_auc", "ROC AUC", "Area under the ROC curve (needs both classes).",
-           frozenset({CLF}), "raw", unit="none", raw=lambda w: roc_auc(w.y_true, w.y_score)),
-    Metric("average_precision", "Average precision", "Area under the precision-recall curve.",
-           frozenset({CLF}), "raw", unit="none", raw=lambda w: average_precision(w.y_true, w.y_score)),
+    Metric("roc_auc", "ROC AUC", "Area under the ROC curve (needs both classes). method=exact (default, "
+           "raw rows) or binned (score bins of width 0.01: ties within a bin count 1/2, error at most "
+           "sum_b pos_b neg_b / (2PN), 0 for scores on the grid).",
+           frozenset({CLF}), "raw", unit="none", raw=lambda w: roc_auc(w.y_true, w.y_score),
+           payloads=_METHOD, binned=lambda b: binned_auc(b["pos"], b["neg"])),
+    Metric("average_precision", "Average precision", "Area under the precision-recall curve. "
+           "method=exact (default) or binned (each score bin of width 0.01 one threshold).",
+           frozenset({CLF}), "raw", unit="none", raw=lambda w: average_precision(w.y_true, w.y_score),
+           payloads=_METHOD, binned=lambda b: binned_average_precision(b["pos"], b["neg"])),
     Metric("expected_calibration_error", "Expected calibration error",
-           "Count-weighted |mean score - observed rate| over 10 equal-width score bins.",
+           "Count-weighted |mean score - observed rate| over 10 equal-width score bins (k/10, (k+1)/10]; "
+           "method=binned: over [k/10, (k+1)/10) from the score bins.",
            frozenset({CLF}), "raw", unit="none",
-           raw=lambda w: expected_calibration_error(w.y_true, w.y_score)),
+           raw=lambda w: expected_calibration_error(w.y_true, w.y_score), payloads=_METHOD,
+           binned=binned_ece),
     Metric("label_delay", "Label delay", "Quantile (payload 'quantile', default 0.5) of feedback time minus prediction time.",
            BOTH, "raw", unit="s", raw=_label_delay, payloads=("quantile",)),
     Metric("confusion_matrix", "Confusion matrix", "Counts of actual x predicted class over the range.",
            frozenset({CLF}), "table", unit="short", uses_threshold=True),
     Metric("calibration", "Calibration", "Per score bin over the range: mean score, observed rate, count.",
            frozenset({CLF}), "table", unit="none"),
+    Metric("label_settling", "Label settling",
+           "Per day of the range: the SLI named by payload 'of' (default accuracy) as it was known "
+           "1 h, 6 h, 1 d, 2 d and 7 d after the day closed, and as known now.",
+           BOTH, "table", unit="none", payloads=("of",)),
 ]
 
 _COL = ("column",)

@@ -11,6 +11,7 @@ only translate, and never import the store.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 import numpy as np
 import psycopg2
 
-from datasource import distributions, engine, patterns, store, windows
+from datasource import calibration, disconnect, distributions, engine, patterns, store, windows
 from datasource import metrics as metric_registry
 from datasource.errors import ClientError
 
@@ -218,6 +219,27 @@ class Resolver:
         if "reference" in metric.payloads:
             params["reference"] = str(_single(payload.get("reference"), self.field("reference"))
                                       or "training")
+        if metric.kind in ("partial", "raw"):
+            params.update(self.as_of(payload))
+        if "of" in metric.payloads:
+            of = metric_of(_single(payload.get("of"), self.field("of")) or "accuracy")
+            if of.kind not in ("partial", "raw"):
+                raise bad(f"of must name a series metric of labels, not {of.name}", self.field("of"))
+            params["of"] = of.name
+        if "calibration" in metric.payloads:
+            cal = _single(payload.get("calibration"), self.field("calibration")) or "none"
+            if cal not in metric_registry.CALIBRATIONS:
+                raise bad(f"calibration must be one of {', '.join(metric_registry.CALIBRATIONS)}",
+                          self.field("calibration"))
+            if cal != "none":
+                params["calibration"] = cal
+        if "method" in metric.payloads:
+            method = _single(payload.get("method"), self.field("method")) or "exact"
+            if method not in metric_registry.METHODS:
+                raise bad(f"method must be one of {', '.join(metric_registry.METHODS)}",
+                          self.field("method"))
+            if method != "exact":
+                params["method"] = method
         if "quantile" in metric.payloads:
             q = _single(payload.get("quantile"), self.field("quantile"))
             try:
@@ -228,6 +250,33 @@ class Resolver:
                 raise bad("quantile must be in (0, 1)", self.field("quantile"))
             params["quantile"] = q
         return tuple(sorted(params.items()))
+
+    def as_of(self, payload: dict) -> dict:
+        """``as_of``: latest (default: every label known now), ``point`` (each point with the
+        feedback whose ts is at most the point's time, plus ``lag`` such as 6h) or a fixed
+        time (ISO-8601 or epoch ms): params ``as_of`` = "point" or epoch seconds, ``lag`` s."""
+        raw = _single(payload.get("as_of"), self.field("as_of"))
+        lag_text = _single(payload.get("lag"), self.field("lag"))
+        if raw in (None, "", "latest"):
+            if lag_text not in (None, ""):
+                raise bad("lag needs as_of=point", self.field("lag"))
+            return {}
+        if raw == "point":
+            out: dict = {"as_of": "point"}
+            if lag_text not in (None, "", "0"):
+                try:
+                    out["lag"] = windows.parse_window(str(lag_text)).seconds
+                except windows.WindowError:
+                    raise bad(f"lag {str(lag_text)[:40]!r} is not a duration such as 6h or 2d",
+                              self.field("lag")) from None
+            return out
+        if lag_text not in (None, ""):
+            raise bad("lag needs as_of=point", self.field("lag"))
+        try:
+            return {"as_of": windows.parse_time(raw, self.field("as_of"))}
+        except windows.WindowError:
+            raise bad("as_of must be latest, point, or a time (ISO-8601 or epoch milliseconds) "
+                      "between 1900 and 2200", self.field("as_of")) from None
 
     def column(self, model: store.Model, segsets: dict, metric: metric_registry.Metric,
                value) -> engine.Column:
@@ -315,7 +364,50 @@ class Resolver:
                         params=tuple(sorted({**q.param_dict, "column": f"{col.kind}:{col.name}"}.items())))
             if metric.kind == "drift":
                 q = replace(q, reference=self.reference(q, col, q.param_dict["reference"]))
+        if q.param_dict.get("calibration") == "isotonic":
+            q = replace(q, reference=self.calibrator(q, q.param_dict["reference"]))
         return q
+
+    def calibrator(self, q: engine.Query, spec: str) -> np.ndarray:
+        """The calibrated probability of each score bin, fitted on a stored reference's
+        ``score`` and ``label`` columns, or on a labeled time range 'from/to' of the model's own
+        predictions (read from the score bins at 5-minute bounds, rounded down)."""
+        if store.grid_bin(q.threshold) is None:
+            raise bad("calibration=isotonic needs a threshold on the 0.01 grid (e.g. 0.5, 0.37)",
+                      self.field("threshold"))
+        where = self.field("reference")
+        if "/" in spec:
+            a, _, b = spec.partition("/")
+            try:
+                lo = windows.parse_time(_number_or_text(a), "from")
+                hi = windows.parse_time(_number_or_text(b), "to")
+            except windows.WindowError:
+                raise bad("reference must be a stored reference name or a time range 'from/to'",
+                          where) from None
+            base = store.BIN_BASE_S
+            lo, hi = int(lo) // base * base, int(hi) // base * base
+            if hi <= lo:
+                raise bad("reference range must end after it starts", where)
+            bins = store.score_bins_by_bucket(self.conn, q.model, g_s=store.ALL_TIME_S, lo_s=lo,
+                                              hi_s=hi, segset_ids=None, by_segset=False)
+            pos = np.zeros(store.N_BINS)
+            neg = np.zeros(store.N_BINS)
+            np.add.at(pos, bins["bin"].to_numpy(np.int64), bins["pos"].to_numpy())
+            np.add.at(neg, bins["bin"].to_numpy(np.int64), bins["neg"].to_numpy())
+            if pos.sum() + neg.sum() == 0:
+                raise bad(f"reference range {spec[:80]} has no labeled predictions", where)
+            return calibration.isotonic_from_bins(pos, neg)
+        scores = store.reference_column(self.conn, q.model, spec, "score")
+        labels = store.reference_column(self.conn, q.model, spec, "label")
+        if not isinstance(scores, np.ndarray) or not isinstance(labels, np.ndarray):
+            raise bad(f"reference {spec[:40]!r} of {q.model.name} needs numeric 'score' and 'label'"
+                      " columns to calibrate (or give a labeled time range 'from/to')", where)
+        if len(scores) != len(labels) or len(scores) == 0:
+            raise bad(f"reference {spec[:40]!r}: 'score' and 'label' must have the same, non-zero"
+                      " length", where)
+        if not np.all(np.isin(labels, (0.0, 1.0))) or not np.all((scores >= 0) & (scores <= 1)):
+            raise bad(f"reference {spec[:40]!r}: labels must be 0/1 and scores in [0, 1]", where)
+        return calibration.isotonic_from_rows(scores, labels)
 
 
 def _number_or_text(v: str):
@@ -338,9 +430,14 @@ class Service:
 
     def __init__(self, pool, settings, prefix: str = ""):
         self.pool = pool
-        budget_s = settings.statement_timeout_ms / 1000.0
-        self.deadline = time.monotonic() + budget_s if budget_s > 0 else None
+        self.budget_s = settings.statement_timeout_ms / 1000.0
+        self.deadline = self._new_deadline()  # renewed once run() has its connection
         self.prefix = prefix
+
+    def _new_deadline(self) -> disconnect.Deadline:
+        """A float the engine compares with time.monotonic(); it also passes when the client
+        goes away (disconnect.Deadline), with no budget only then."""
+        return disconnect.Deadline(time.monotonic() + self.budget_s if self.budget_s > 0 else math.inf)
 
     def run(self, targets: list[Target], rng: TimeRange, filters: list[Filter]) -> list:
         if len(targets) > windows.MAX_TARGETS:  # before anything is resolved or read
@@ -351,18 +448,36 @@ class Service:
         memo = engine.RequestMemo.for_metrics(known)
         out: list = []
         with self.pool.connection() as conn:
-            resolver = Resolver(conn, self.prefix)
-            for i, t in enumerate(targets):
-                self._bound_statements(conn, first=i == 0)
-                out.extend(self._answer(conn, resolver, t, rng, filters, memo))
+            # The budget is for the work: time spent waiting for a read connection (bounded by
+            # db.POOL_WAIT_S) is not. The watch ends before the pool takes the connection
+            # back: no cancel can reach it there.
+            self.deadline = self._new_deadline()
+            with disconnect.watch(disconnect.request_socket(), lambda: self._client_gone(conn)):
+                resolver = Resolver(conn, self.prefix)
+                try:
+                    for i, t in enumerate(targets):
+                        self._bound_statements(conn, first=i == 0)
+                        out.extend(self._answer(conn, resolver, t, rng, filters, memo))
+                except (engine.ComputeTimeout, psycopg2.Error):
+                    if self.deadline.cancelled:
+                        raise disconnect.ClientGone() from None
+                    raise
         return out
+
+    def _client_gone(self, conn) -> None:
+        """On the watcher thread: the engine's next deadline check fails, and the statement
+        running now is cancelled (psycopg2's cancel is safe from another thread)."""
+        self.deadline.cancel()
+        conn.cancel()
 
     def _bound_statements(self, conn, first: bool) -> None:
         """One deadline for the whole request: no statement of a target may outlive it
         (SET LOCAL ends with the request's transaction), and no target after the first starts
         past it (the first always runs, bounded by what is left: a budget too small for one
         statement is then the database's timeout)."""
-        if self.deadline is None:
+        if self.deadline.cancelled:
+            raise disconnect.ClientGone()
+        if math.isinf(self.deadline):
             return
         remaining_ms = int((self.deadline - time.monotonic()) * 1000)
         if remaining_ms <= 0 and not first:
@@ -390,7 +505,8 @@ class Service:
                     out.append(SeriesResult(t.ref_id, metric, model.name, s, s.name))
                 continue
             try:
-                result = engine.series(conn, q, rng.points, rng.step, self.deadline, memo)
+                result = engine.series(conn, q, rng.points, rng.step, self.deadline, memo,
+                                       end_at_data=True)
             except engine.QueryError as e:
                 raise bad(str(e), resolver.field("window")) from None
             except (engine.ComputeTimeout, psycopg2.Error):
@@ -556,3 +672,24 @@ def variable_items(catalog: Catalog, kind: str, model=None, key=None) -> list[tu
             raise bad("segment_values needs a key", "key")
         return [(v, v) for v in catalog.segment_values(model, key)]
     return None
+
+
+# ----------------------------------------------------------------------- the exporter's reads
+
+Model = store.Model  # the model a route is handed (name, task, threshold, is_classifier)
+
+
+def rollup_bucket_s() -> int:
+    """The rollup's bucket width in seconds: windows ending on its multiples read the rollup."""
+    return store.ROLLUP_BUCKET_S
+
+
+def latest_prediction_ts(conn, model: store.Model) -> datetime | None:
+    """The time of the model's latest stored prediction (None before the first)."""
+    return store.latest_prediction_ts(conn, model)
+
+
+def totals(conn, model: store.Model, columns) -> dict[str, float]:
+    """All-time sums of declared partials (``n_pred``, ``tp``…) over every segment, at the
+    model's threshold: one aggregate over the rollup, whatever the number of predictions."""
+    return store.rollup_totals(conn, model, tuple(columns))

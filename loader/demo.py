@@ -251,16 +251,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m loader.demo") -> 
         except (PortBusy, OSError) as exc:
             say(f"error: {exc}", file=sys.stderr)
             return 1
-        from datasource import db
+        from datasource import client
 
         say(f"starting PostgreSQL in {args.data_dir / 'pg'} ...")
         started = True
-        database_url = db.embedded_url(args.data_dir)
-        conn = db.connect(database_url, statement_timeout_ms=0)
-        try:
-            db.migrate(conn)
-        finally:
-            conn.close()
+        database_url = client.start_embedded(args.data_dir)  # migrated
 
         env = {**os.environ, "DATABASE_URL": database_url, "DATA_DIR": str(args.data_dir),
                "PYTHONUNBUFFERED": "1"}
@@ -313,7 +308,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m loader.demo") -> 
             log.close()
         if started:
             say("stopping PostgreSQL ...")
-            db.stop_embedded()
+            client.stop_embedded()
             say("stopped.")
 
 

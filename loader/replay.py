@@ -630,7 +630,8 @@ def ensure_registered(client, trained: pipeline.TrainedModel, model_name: str) -
 
 def reference_columns(trips: pd.DataFrame, trained: pipeline.TrainedModel,
                       max_rows: int = 50_000, seed: int = 0) -> dict[str, list]:
-    """The training rows' scores, features and segments, as a drift reference for the store.
+    """The training rows' scores, labels, features and segments, as the store's reference (drift,
+    and the calibration of the label-free estimates).
 
     Rebuilds the training split (clean, first 80% by pickup time) from the training month's
     trips; a seeded sample of ``max_rows`` keeps the payload small at full scale.
@@ -644,7 +645,9 @@ def reference_columns(trips: pd.DataFrame, trained: pipeline.TrainedModel,
         data = data.iloc[keep]
     x = pipeline.featurize(data)
     minutes = (data["tpep_dropoff_datetime"] - data["tpep_pickup_datetime"]).dt.total_seconds()
-    cols = {"score": pipeline.score(trained.model, x).tolist()}
+    # score with its label: the labeled reference CBPE's isotonic calibrator is fitted on
+    cols = {"score": pipeline.score(trained.model, x).tolist(),
+            "label": pipeline.label(data, trained.label_threshold).astype(float).tolist()}
     cols.update({name: x[name].tolist() for name in pipeline.FEATURES})
     cols["fare_amount"] = data["fare_amount"].astype(float).tolist()
     cols["trip_minutes"] = (minutes / 60).round(2).tolist()

@@ -45,7 +45,8 @@ def empty_database(url: str) -> None:
     """Remove every model and its rows (the tables without a foreign key are named)."""
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE rollup, model_events, feedback, predictions, segment_sets, models"
+        cur.execute("TRUNCATE rollup, rollup_5m, rollup_1h, rollup_1d, score_bins_5m,"
+                    " score_bins_1h, score_bins_1d, model_events, feedback, predictions, segment_sets, models"
                     " RESTART IDENTITY CASCADE")
     conn.commit()
     conn.close()

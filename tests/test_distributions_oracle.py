@@ -180,6 +180,11 @@ def test_random_distribution_queries_match_numpy_and_scipy(http, data):
         points = r.get_json()[0]["datapoints"]
         step = points[1][1] - points[0][1] if len(points) > 1 else None
         for value, t in points:
+            if window == "cumulative" and step and t - step >= ts.max():
+                # a cumulative line ends one step after the model's latest prediction
+                if value is not None:
+                    failures.append(f"{ctx} t={t}: got {value} past the latest data")
+                continue
             if window == "cumulative":
                 lo = -np.inf
             elif mode == "tumbling":

@@ -266,3 +266,17 @@ def test_too_many_targets_is_refused_before_any_work(loaded):
     assert r.status_code in (400, 413) and "targets" in r.get_json()["message"]
     body["targets"] = body["targets"][: windows.MAX_TARGETS]
     assert loaded.post("/query", json=body).status_code == 200
+
+
+def test_lone_surrogate_escapes_are_400(http):
+    """A \\uD800-\\uDFFF escape without its pair is valid JSON but not Unicode PostgreSQL can
+    store: refused as the client's mistake (it was a 5xx from the database), pairs accepted."""
+    assert http.post("/api/v1/models", json={"name": "m", "threshold": 0.5}).status_code == 201
+    for text in ('"\\ud800"', '"a\\udc00"', '"\\ud83d x"'):
+        record = '{"id": ' + text + ', "ts": 1580515200000, "score": 0.5, "segments": {"b": ' + text + "}}"
+        body = '{"model": "m", "records": [' + record + "]}"
+        r = http.post("/api/v1/predictions", data=body, content_type="application/json")
+        assert r.status_code == 400 and "surrogate" in r.get_json()["message"], (text, r.get_json())
+    body = '{"model": "m", "records": [{"id": "\\ud83d\\ude00", "ts": 1580515200000, "score": 0.5}]}'
+    r = http.post("/api/v1/predictions", data=body, content_type="application/json")
+    assert r.status_code == 200, r.get_json()

@@ -280,10 +280,10 @@ def test_live_paces_by_the_data_clock(trained):
 
 def test_reference_is_the_training_split(trained):
     ref = replay.reference_columns(_month(1), trained, max_rows=5_000)
-    assert set(ref) == {"score", *replay.FEATURE_NAMES, *replay.SEGMENTS}
+    assert set(ref) == {"score", "label", *replay.FEATURE_NAMES, *replay.SEGMENTS}
     assert len({len(v) for v in ref.values()}) == 1 and len(ref["score"]) == 5_000
     assert all(isinstance(v, str) for v in ref["vendor"])
-    assert all(0 <= v <= 1 for v in ref["score"])
+    assert all(0 <= v <= 1 for v in ref["score"]) and set(ref["label"]) <= {0.0, 1.0}
     assert not any(v != v for v in ref["congestion_surcharge"])  # fillna(-1): no NaN
     full = replay.reference_columns(_month(1), trained, max_rows=10**9)
     n_clean = len(pipeline.clean(_month(1), "2020-01-01", "2020-02-01"))

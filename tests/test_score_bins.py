@@ -1,0 +1,351 @@
+"""Rollup levels and score bins against scikit-learn on the same raw rows.
+
+* Thresholds on the grid k/100 other than the model's are served from the score bins:
+  every datapoint equals scikit-learn at that threshold, over random windows, steps that
+  pick each rollup level, filters and group-bys.
+* method=binned: ROC AUC and average precision equal scikit-learn on the scores replaced
+  by their bin (computed here with numpy, not with the server's SQL), the binned ROC AUC is
+  within its stated bound of the exact one, and is exact when scores lie on the grid; a
+  bucket finer than the bins' 5 minutes falls back to the exact method.
+* The range tiling covers (lo, hi] exactly once; check_rollup sees damage at every level.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from datasource import metrics as registry
+from datasource import store
+from datasource.store import partials
+from tests import oracle
+from tests.test_metrics_oracle import FILTERS, SPAN_MS, T0_MS, _iso, _load, _matches
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+EDGES = np.arange(101) / 100.0  # [k/100, (k+1)/100), the last bin holds 1.0
+
+
+def bin_of(s: np.ndarray) -> np.ndarray:
+    return np.searchsorted(EDGES, s, side="right") - 1
+
+
+def _width_ms(window: str, step_ms: int, mode: str) -> float:
+    if window == "cumulative":
+        return np.inf
+    if mode == "tumbling":
+        return step_ms
+    return {"m": 60_000, "h": 3_600_000, "d": 86_400_000}[window[-1]] * int(window[:-1])
+
+
+def _query(http, targets, a, b, interval, max_points, filters):
+    body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": interval,
+            "maxDataPoints": max_points, "targets": targets, "filters": filters}
+    r = http.post("/query", json=body)
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
+def _masks(truth, item, filters, group_by):
+    mask = np.array([_matches(s, filters) for s in truth.segments])
+    if group_by:
+        value = item["target"].split(f"{group_by}=", 1)[1]
+        mask &= np.array([s.get(group_by, "(none)") == value for s in truth.segments])
+    return mask
+
+
+# (window, interval ms): each picks a level: 1 min (raw rows off the model's threshold, exact
+# method for binned metrics), 5 min, 1 h, and day-tiled prefixes
+SHAPES = [("1h", 300_000), ("6h", 3_600_000), ("1d", 3_600_000), ("cumulative", 3_600_000),
+          ("15m", 60_000), ("cumulative", 300_000), ("1d", 86_400_000)]
+GRID_THRESHOLDS = ["0.0", "0.01", "0.3", "0.25", "0.77", "0.99", "1.0", "1"]
+
+
+def test_grid_thresholds_from_score_bins_match_sklearn(http):
+    rng = np.random.default_rng(21)
+    truth = _load(http, rng, "binary_classification", threshold=0.5)
+    metrics = ["accuracy", "precision", "recall", "f1", "mcc", "positive_rate",
+               "estimated_accuracy", "estimated_precision", "balanced_accuracy"]
+    failures, checked = [], 0
+    for k in range(36):
+        metric = metrics[k % len(metrics)]
+        window, interval = SHAPES[int(rng.integers(0, len(SHAPES)))]
+        mode = "tumbling" if window != "cumulative" and rng.random() < 0.2 else "sliding"
+        thr_text = GRID_THRESHOLDS[int(rng.integers(0, len(GRID_THRESHOLDS)))]
+        filters = FILTERS[int(rng.integers(0, len(FILTERS)))]
+        group_by = "b" if rng.random() < 0.3 else None
+        a = T0_MS + int(rng.integers(-3600_000, SPAN_MS // 2))
+        b = a + int(rng.integers(6 * 3600_000, 48 * 3600_000))
+        payload = {"model": "m", "window": window, "mode": mode, "threshold": thr_text}
+        if group_by:
+            payload["group_by"] = group_by
+        result = _query(http, [{"refId": "A", "target": metric, "payload": payload}], a, b,
+                        interval, 120, filters)
+        thr = float(thr_text)
+        for item in result:
+            mask = _masks(truth, item, filters, group_by)
+            ts, s, y = truth.ts_ms[mask], truth.score[mask], truth.label[mask]
+            times = [t for _, t in item["datapoints"]]
+            step = times[1] - times[0] if len(times) > 1 else interval
+            for value, t in item["datapoints"]:
+                if window == "cumulative" and t - step >= truth.ts_ms.max():
+                    assert value is None, "a cumulative line ends after the latest data"
+                    continue
+                sel = (ts > t - _width_ms(window, step, mode)) & (ts <= t)
+                if metric.startswith("estimated_"):
+                    expected = oracle.estimated(metric, s[sel], thr)
+                else:
+                    expected = oracle.classification(metric, y[sel], s[sel], None, thr, {})
+                checked += 1
+                if not oracle.close(value, expected):
+                    failures.append(f"{metric} {window} {mode} thr={thr_text} {filters} t={t}: "
+                                    f"{value} != {expected}")
+    assert not failures, f"{len(failures)} of {checked}:\n" + "\n".join(failures[:20])
+    assert checked > 1000
+
+
+def _binned_expected(metric: str, y_all, s_all):
+    labeled = ~np.isnan(y_all)
+    y, s = y_all[labeled].astype(int), s_all[labeled]
+    q = bin_of(s)
+    if metric == "estimated_roc_auc":
+        if len(s_all) == 0:
+            return oracle.NAN
+        qa = bin_of(s_all)
+        yy = np.r_[np.ones(len(s_all)), np.zeros(len(s_all))]
+        w = np.r_[s_all, 1.0 - s_all]
+        if w[: len(s_all)].sum() <= 0 or w[len(s_all):].sum() <= 0:
+            return oracle.NAN
+        return float(roc_auc_score(yy, np.r_[qa, qa], sample_weight=w))
+    if metric == "expected_calibration_error":
+        if len(y) == 0:
+            return oracle.NAN
+        tenth = np.minimum(np.floor(q / 10).astype(int), 9)  # [k/10, (k+1)/10), 1.0 in the last
+        total = 0.0
+        for c in range(10):
+            inside = tenth == c
+            if inside.any():
+                total += inside.sum() / len(y) * abs(s[inside].mean() - y[inside].mean())
+        return total
+    if len(np.unique(y)) < 2:
+        return oracle.NAN if metric == "roc_auc" or y.sum() == 0 else float(
+            average_precision_score(y, q))
+    if metric == "roc_auc":
+        return float(roc_auc_score(y, q))
+    return float(average_precision_score(y, q))
+
+
+def test_binned_metrics_equal_sklearn_on_binned_scores(http):
+    rng = np.random.default_rng(5)
+    truth = _load(http, rng, "binary_classification", threshold=0.5)
+    metrics = ["roc_auc", "average_precision", "expected_calibration_error", "estimated_roc_auc"]
+    failures, checked, bound_checked = [], 0, 0
+    for k in range(24):
+        metric = metrics[k % len(metrics)]
+        window, interval = SHAPES[int(rng.integers(0, len(SHAPES)))]
+        filters = FILTERS[int(rng.integers(0, len(FILTERS)))]
+        group_by = "b" if rng.random() < 0.3 else None
+        a = T0_MS + int(rng.integers(-3600_000, SPAN_MS // 2))
+        b = a + int(rng.integers(6 * 3600_000, 40 * 3600_000))
+        payload = {"model": "m", "window": window, "method": "binned"}
+        if group_by:
+            payload["group_by"] = group_by
+        targets = [{"refId": "A", "target": metric, "payload": payload}]
+        if metric == "roc_auc":
+            targets.append({"refId": "B", "target": metric, "payload": {**payload, "method": "exact"}})
+        result = _query(http, targets, a, b, interval, 120, filters)
+        exact = {(i["target"]): i["datapoints"] for i in result if i["refId"] == "B"}
+        for item in (i for i in result if i["refId"] == "A"):
+            mask = _masks(truth, item, filters, group_by)
+            ts, s, y = truth.ts_ms[mask], truth.score[mask], truth.label[mask]
+            times = [t for _, t in item["datapoints"]]
+            step = times[1] - times[0] if len(times) > 1 else interval
+            for j, (value, t) in enumerate(item["datapoints"]):
+                if window == "cumulative" and t - step >= truth.ts_ms.max():
+                    assert value is None, "a cumulative line ends after the latest data"
+                    continue
+                sel = (ts > t - _width_ms(window, step, "sliding")) & (ts <= t)
+                width = _width_ms(window, step, "sliding")
+                g = step if window == "cumulative" else int(np.gcd(int(width), step))
+                if g % 300_000 == 0:
+                    expected = _binned_expected(metric, y[sel], s[sel])
+                elif metric == "estimated_roc_auc":  # finer than the bins: the exact method
+                    expected = oracle.estimated(metric, s[sel], 0.5)
+                else:
+                    delay = np.zeros(int(sel.sum()))
+                    expected = oracle.classification(metric, y[sel], s[sel], delay, 0.5, {})
+                checked += 1
+                if not oracle.close(value, expected):
+                    failures.append(f"{metric} {window} {filters} {group_by} t={t}: {value} != {expected}")
+                if metric == "roc_auc" and value is not None and g % 300_000 == 0:
+                    lab = ~np.isnan(y[sel])
+                    yy, ss = y[sel][lab], s[sel][lab]
+                    q = bin_of(ss)
+                    pos = np.bincount(q[yy == 1], minlength=101)
+                    neg = np.bincount(q[yy == 0], minlength=101)
+                    bound = float(np.sum(pos * neg) / 2 / (pos.sum() * neg.sum()))
+                    exact_value = exact[item["target"]][j][0]
+                    assert abs(value - exact_value) <= bound + 1e-12, (t, value, exact_value, bound)
+                    bound_checked += 1
+    assert not failures, f"{len(failures)} of {checked}:\n" + "\n".join(failures[:20])
+    assert checked > 500 and bound_checked > 50
+    # a 1-minute step is finer than the bins: method=binned answers as method=exact
+    a = T0_MS + 6 * 3600_000
+    fine = [{"refId": r, "target": "roc_auc", "payload": {"model": "m", "window": "15m", "method": m}}
+            for r, m in (("A", "binned"), ("B", "exact"))]
+    binned, exact_ = _query(http, fine, a, a + 3 * 3600_000, 60_000, 1000, [])
+    assert len(binned["datapoints"]) == 181 and binned["datapoints"] == exact_["datapoints"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_binned_auc_bound_holds_and_is_exact_on_the_grid(seed):
+    """The formula of the bound on random data, ties and skewed classes, against scikit-learn."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 3000))
+    s = rng.beta(rng.uniform(0.2, 3), rng.uniform(0.2, 3), size=n)
+    if seed % 4 == 0:
+        s = np.round(s, 3)  # ties inside bins
+    y = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(int)
+    y[0], y[-1] = 0, 1
+    q = bin_of(s)
+    pos = np.bincount(q[y == 1], minlength=101)[None, :].astype(float)
+    neg = np.bincount(q[y == 0], minlength=101)[None, :].astype(float)
+    binned = float(registry.binned_auc(pos, neg)[0])
+    bound = float(registry.binned_auc_bound(pos, neg)[0])
+    exact = float(roc_auc_score(y, s))
+    assert abs(binned - exact) <= bound + 1e-12
+    assert binned == pytest.approx(roc_auc_score(y, q), abs=1e-12)
+    on_grid = np.floor(s * 100) / 100  # every bin now holds one distinct score
+    q = bin_of(on_grid)
+    pos = np.bincount(q[y == 1], minlength=101)[None, :].astype(float)
+    neg = np.bincount(q[y == 0], minlength=101)[None, :].astype(float)
+    assert float(registry.binned_auc(pos, neg)[0]) == pytest.approx(roc_auc_score(y, on_grid), abs=1e-12)
+    ap = float(registry.binned_average_precision(pos, neg)[0])
+    assert ap == pytest.approx(average_precision_score(y, on_grid), abs=1e-12)
+
+
+def test_bins_agree_with_the_threshold_comparison_at_every_grid_point():
+    """s >= k/100 exactly when bin(s) >= k, for scores next to each edge (the SQL does the
+    same comparison against the same doubles: the grid oracle test above checks the SQL)."""
+    for k in range(101):
+        t = k / 100
+        for s in (np.nextafter(t, 0), t, np.nextafter(t, 2)):
+            if 0 <= s <= 1:
+                assert (s >= t) == (bin_of(np.array([s]))[0] >= k), (k, s)
+        assert partials.grid_bin(float(f"{t:.2f}")) == k
+    assert partials.grid_bin(0.123) is None and partials.grid_bin(None) is None
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_level_pieces_tile_the_range_once(seed):
+    rng = np.random.default_rng(seed)
+    lo = None if seed % 5 == 0 else int(rng.integers(0, 10**6)) * 60
+    hi = (lo or 0) + int(rng.integers(0, 200_000)) * 60
+    pieces = partials.level_pieces(lo, hi)
+    covered = []
+    for width, a, b in pieces:
+        assert width in partials.LEVELS and b % width == 0 and (a is None or a % width == 0)
+        covered.append((-np.inf if a is None else a, b))
+    covered.sort()
+    start = -np.inf if lo is None else lo
+    for a, b in covered:
+        if a == b:
+            continue
+        assert a == start, (lo, hi, pieces)
+        start = b
+    assert start == hi or (lo is not None and lo == hi)
+    assert len(pieces) <= 2 * (4 + 11 + 23) + 1
+
+
+def test_check_rollup_sees_every_level(conn):
+    from datasource import ingest
+
+    ingest.register_model(conn, {"name": "m", "threshold": 0.5})
+    model = store.get_model(conn, "m")
+    from datasource.records import parse_feedback, parse_predictions
+
+    preds = [{"id": f"p{i}", "ts": T0_MS + i * 37_000, "score": (i % 100) / 99, "segments": {"b": "x"}}
+             for i in range(600)]
+    store.write_predictions(conn, model, parse_predictions(preds, model.task, 10**6))
+    fbs = [{"id": f"p{i}", "ts": T0_MS + i * 40_000, "label": i % 2} for i in range(0, 600, 2)]
+    store.write_feedback(conn, model, parse_feedback(fbs, model.task, 10**6))
+    conn.commit()
+    assert store.check_rollup(conn, model) == []
+    for table in (*partials.ROLLUP_TABLES.values(), *partials.BIN_TABLES.values()):
+        column = "n" if table.startswith("score_bins") else "n_pred"
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE {table} SET {column} = {column} + 1 WHERE ctid ="
+                        f" (SELECT ctid FROM {table} LIMIT 1)")
+        diffs = store.check_rollup(conn, model)
+        assert [d["table"] for d in diffs] == [table], table
+        conn.rollback()
+    with conn.cursor() as cur:
+        cur.execute("UPDATE rollup_1d SET tp = tp + 5")
+    store.rebuild_rollup(conn, model)
+    assert store.check_rollup(conn, model) == []
+
+
+def test_grid_thresholds_and_binned_metrics_read_the_score_bins(http, database_url):
+    """Not a raw-path answer that happens to agree: emptying the score bins' label counts
+    changes these answers (tp = fp = 0 at 0.3; no pairs for ROC AUC), while the model's own
+    threshold (the rollup) is unchanged."""
+    import psycopg2
+
+    truth = _load(http, np.random.default_rng(2), "binary_classification", threshold=0.5)
+    a, b = int(truth.ts_ms.min()) - 60_000, int(truth.ts_ms.max()) + 60_000
+    targets = [{"refId": r, "target": m, "payload": {"model": "m", "window": "cumulative", **p}}
+               for r, m, p in (("A", "accuracy", {"threshold": "0.3"}),
+                               ("B", "roc_auc", {"method": "binned"}),
+                               ("C", "accuracy", {}))]
+
+    def values():
+        return {i["refId"]: [v for v, _ in i["datapoints"]]
+                for i in _query(http, targets, a, b, 3_600_000, 60, [])}
+
+    before = values()
+    assert all(v is not None for v in before["A"][-3:] + before["B"][-3:])
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        for table in partials.BIN_TABLES.values():
+            cur.execute(f"UPDATE {table} SET pos = 0, neg = 0")
+    conn.commit()
+    conn.close()
+    after = values()
+    assert all(v is None for v in after["B"])
+    assert all(x != y for x, y in zip(after["A"][-3:], before["A"][-3:], strict=True))
+    assert after["C"] == before["C"]
+
+
+def test_coarse_panels_read_the_coarse_levels(http, database_url):
+    """A 1-hour step reads the hour level (a 6 h panel, a cumulative panel's grid), the sum
+    before a cumulative panel's first point the day level, a 1-minute step the minute level:
+    damaging one level changes exactly the panels that read it; a rebuild restores them."""
+    import psycopg2
+
+    _load(http, np.random.default_rng(4), "binary_classification", threshold=0.5)
+    a, b = T0_MS + 26 * 3600_000, T0_MS + SPAN_MS
+    targets = [{"refId": "A", "target": "accuracy", "payload": {"model": "m", "window": "6h"}},
+               {"refId": "B", "target": "accuracy", "payload": {"model": "m", "window": "cumulative"}},
+               {"refId": "C", "target": "accuracy", "payload": {"model": "m", "window": "15m"}}]
+
+    def values(interval):
+        return {i["refId"]: [v for v, _ in i["datapoints"]]
+                for i in _query(http, targets, a, b, interval, 1000, [])}
+
+    hourly, minutes = values(3_600_000), values(60_000)
+    conn = psycopg2.connect(database_url)
+    for table, changed in (("rollup_1h", {"A", "B"}), ("rollup_1d", {"B"})):
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE {table} SET tp = 0")
+        conn.commit()
+        after = values(3_600_000)
+        assert {r for r in after if after[r] != hourly[r]} == changed, table
+        assert values(60_000)["C"] == minutes["C"]  # a 1-minute step reads the minute level
+        from datasource import store
+
+        with psycopg2.connect(database_url) as c2:
+            for model in store.list_models(c2):
+                store.rebuild_rollup(c2, model)
+        assert values(3_600_000) == hourly
+    conn.close()
