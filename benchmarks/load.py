@@ -72,6 +72,7 @@ DB_NAME = "mlsli_bench_load"
 JSON = {"Content-Type": "application/json"}
 KINDS = ("refresh", "stat", "grouped", "roc_auc", "drift")
 AIM_P99_S = 1.0
+STAGGER_S = 0.02  # between back-to-back viewers' first requests
 AIM_RSS_BYTES = 2**30
 
 
@@ -97,12 +98,13 @@ def panel_bodies() -> dict[str, bytes]:
 
 @dataclass
 class Sample:
-    kind: str
+    kind: str  # a panel, or the writer's predictions / feedback
     start: float  # time.monotonic(), comparable across processes on Linux
     seconds: float
     status: int  # 0: the request failed (connection, timeout)
     rows: int = 0
     detail: str = ""
+    reader: int = -1
 
 
 def _post(session: requests.Session, url: str, body: bytes, kind: str, rows: int = 0) -> Sample:
@@ -124,10 +126,11 @@ def reader(i: int, n: int, base: str, bodies: dict[str, bytes], refresh_s: float
            stop: threading.Event, out: list) -> None:
     """Viewer ``i`` of ``n``: the dashboard's panels in turn from panel i % 5, until ``stop``;
     with ``refresh_s`` one dashboard every ``refresh_s`` seconds, the first at
-    start + refresh_s * i / n (viewers do not refresh in step)."""
+    start + refresh_s * i / n (viewers do not refresh in step); back to back, viewers arrive
+    STAGGER_S apart."""
     order = [KINDS[(i + k) % len(KINDS)] for k in range(len(KINDS))]
     mine = []
-    next_at = start + refresh_s * i / n
+    next_at = start + (refresh_s * i / n if refresh_s > 0 else STAGGER_S * i)
     with requests.Session() as s:
         while not stop.wait(max(0.0, next_at - time.monotonic())):
             for kind in order:
@@ -135,6 +138,8 @@ def reader(i: int, n: int, base: str, bodies: dict[str, bytes], refresh_s: float
                     break
                 mine.append(_post(s, base + "/query", bodies[kind], kind))
             next_at += refresh_s
+    for sample in mine:
+        sample.reader = i
     out.extend(mine)
 
 
@@ -245,6 +250,15 @@ class RSS:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def connections(self, port: int) -> list[int]:
+        """Established client connections to ``port`` held by each worker."""
+        out = []
+        for p in self.master.children():
+            with contextlib.suppress(psutil.Error):
+                out.append(sum(1 for c in p.net_connections(kind="tcp")
+                               if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port))
+        return sorted(out)
 
     def peak(self, t0: float, t1: float) -> int:
         return max((b for t, b in self.samples if t0 <= t <= t1), default=0)
@@ -406,7 +420,9 @@ def main(argv: list[str] | None = None) -> None:
                        for i in range(args.readers)]
             for th in threads:
                 th.start()
-            _countdown(f"{args.readers} readers + writer", args.seconds, never)
+            _countdown(f"{args.readers} readers + writer", args.seconds / 2, never)
+            per_worker = rss.connections(server.port)
+            _countdown(f"{args.readers} readers + writer", args.seconds / 2, never)
             t2 = load.now()
             stop.set()
             wstop.set()
@@ -431,6 +447,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = [_latency_row(k, [s for s in samples if s.kind == k], loaded) for k in KINDS]
     rows.append(_latency_row("all", samples, loaded))
     print(common.table(["kind", "requests", "req/s", "p50", "p95", "p99", "max", "errors"], rows))
+    by_reader: dict[int, list[float]] = {}
+    for sample in reads:
+        by_reader.setdefault(sample.reader, []).append(sample.seconds)
+    means = sorted(float(np.mean(v)) for v in by_reader.values())
+    if means:
+        print(f"\nMean latency per reader: {common.fmt_ms(means[0])} to {common.fmt_ms(means[-1])} "
+              f"(median {common.fmt_ms(float(np.median(means)))}); client connections per worker "
+              f"mid-phase: {' and '.join(map(str, per_worker))}")
 
     print(f"\nWriter: {args.batch:,}-record batches over HTTP, predictions then the feedback "
           "arrived by then\n")

@@ -561,15 +561,23 @@ def model_quality() -> dict:
                    "accuracy of the labeled ones: the estimate is there before the labels; the "
                    "gap once labels arrive is its error. CBPE sees shifts in the scores, not "
                    "concept drift (a changed relation between features and labels).",
-                   (0, 37, 12, 8),
+                   (0, 37, 8, 8),
                    [code_target("A", "accuracy", **sli),
                     code_target("B", "estimated_accuracy", **sli, calibration="isotonic",
                                 reference="training")],
                    names={"A": "realized", "B": "estimated (CBPE)"}),
+        timeseries("Estimate's error (CBPE minus realized accuracy)", "The CBPE estimate over "
+                   "all predictions minus the accuracy of the labeled ones, per window, once "
+                   "labels have arrived (empty before). Near 0 while the scores stay calibrated; "
+                   "a persistent gap means the relation between features and labels changed "
+                   "(concept drift), which the estimate cannot see.", (8, 37, 8, 8),
+                   [code_target("A", "estimation_error", **sli, of="accuracy",
+                                calibration="isotonic", reference="training")],
+                   names={"A": "estimate - realized"}, steps=NEUTRAL, minmax=(None, None)),
         timeseries("Accuracy as known at the time, and now", "Each point of the first series "
                    "uses only the feedback that had arrived by its time (as_of = point): what a "
                    "live dashboard or an alert saw then. The second uses every label known now. "
-                   "The gap is the late-label bias.", (12, 37, 12, 8),
+                   "The gap is the late-label bias.", (16, 37, 8, 8),
                    [code_target("A", "accuracy", **sli, as_of="point"),
                     code_target("B", "accuracy", **sli)],
                    names={"A": "as known at the time", "B": "as known now"}),

@@ -40,8 +40,11 @@ def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def expected_partials(b: dict, calibrated: np.ndarray, k: int) -> dict:
     """CBPE's partials over score-bin arrays (points, bins) with the calibrated probability of
-    each bin, at the grid threshold k/100: the inputs of the estimated_* finalizers."""
-    n = b["n"]
+    each bin, at the grid threshold k/100: the inputs of the estimated_* finalizers; and the
+    realized confusion counts of the labeled predictions, which estimation_error compares."""
+    n, pos, neg = b["n"], b["pos"], b["neg"]
     expected = n * calibrated
     return {"n_pred": n.sum(axis=1), "n_pred_pos": n[:, k:].sum(axis=1),
-            "sum_score": expected.sum(axis=1), "sum_score_pos": expected[:, k:].sum(axis=1)}
+            "sum_score": expected.sum(axis=1), "sum_score_pos": expected[:, k:].sum(axis=1),
+            "tp": pos[:, k:].sum(axis=1), "fp": neg[:, k:].sum(axis=1),
+            "n_lab": (pos + neg).sum(axis=1), "sum_label": pos.sum(axis=1)}

@@ -33,6 +33,7 @@ their own, so their requests do not queue behind reads either.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import json
 import logging
@@ -170,7 +171,7 @@ class Pool:
         # Opened none (minconn 0 at construction); keep up to ``size`` idle ones from now on
         # (psycopg2 closes a returned connection when minconn are already idle).
         self._pool.minconn = size
-        self._slots = threading.BoundedSemaphore(size)  # psycopg2's pool raises when empty
+        self._slots = Slots(size)  # psycopg2's pool raises when it has none left
 
     def _checked_out(self):
         """A live connection; a dead pooled one is closed and replaced (at most ``size`` times)."""
@@ -219,7 +220,7 @@ class ReadShare:
         self.pool = pool
         self.url = pool.url
         self.size = limit
-        self._slots = threading.BoundedSemaphore(limit)
+        self._slots = Slots(limit)
 
     @contextlib.contextmanager
     def connection(self):
@@ -239,8 +240,45 @@ def read_share(pool: Pool, limit: int = 0, reserve: bool = True) -> ReadShare:
     return ReadShare(pool, max(1, min(pool.size - reserved, limit or pool.size)))
 
 
+class Slots:
+    """A counting semaphore that serves its waiters first come, first served.
+
+    ``threading.Semaphore`` lets a thread that arrives as a slot frees take it ahead of
+    those already waiting; under a queue of reads that made the wait of some of them many
+    times the others' (benchmarks/load.py: p95 3.5x p50). Here a freed slot goes to the
+    longest waiter.
+    """
+
+    def __init__(self, n: int):
+        self._free = n
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            self._waiters.append(turn)
+        if turn.wait(timeout):
+            return True
+        with self._lock:
+            if turn.is_set():  # handed a slot as the wait ran out: keep it
+                return True
+            self._waiters.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes on, never free in between
+            else:
+                self._free += 1
+
+
 @contextlib.contextmanager
-def _slot(slots: threading.BoundedSemaphore, what: str):
+def _slot(slots: Slots, what: str):
     if not slots.acquire(timeout=POOL_WAIT_S):
         raise PoolBusy(f"{what} are busy")
     try:

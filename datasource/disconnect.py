@@ -150,13 +150,19 @@ class _Watcher:
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
 
+    def start(self) -> None:
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()  # a fork (gunicorn's workers) starts its own thread
+            self._thread = threading.Thread(target=self._run, name="mlsli-disconnect", daemon=True)
+            self._thread.start()
+
     def add(self, entry: _Entry) -> None:
         with self._lock:
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()  # a fork (gunicorn's workers) starts its own thread
-                self._thread = threading.Thread(target=self._run, name="mlsli-disconnect",
-                                                daemon=True)
-                self._thread.start()
+            self._start_locked()
             self._entries[id(entry)] = entry
             self._lock.notify()
 
@@ -203,6 +209,12 @@ class _Watcher:
 
 
 _WATCHER = _Watcher()
+
+
+def start_watcher() -> None:
+    """Start this process's watcher thread now (else the first ``watch`` does): from a thread
+    at normal priority, as the thread that starts it passes on its own (datasource.worker)."""
+    _WATCHER.start()
 
 
 @contextlib.contextmanager

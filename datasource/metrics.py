@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -155,6 +155,24 @@ def _estimated(fn):
         tp, fp, fn_, tn = _expected_cm(p)
         return fn(tp, fp, fn_, tn)
     return finalize
+
+
+# estimation_error's payload 'of': a realized metric, and the estimated_* metric that predicts it
+ESTIMATED = {"accuracy": "estimated_accuracy", "precision": "estimated_precision",
+             "recall": "estimated_recall", "f1": "estimated_f1"}
+
+
+def _estimation_error(of: str):
+    """Estimate minus realized: both finalizers read the same window's partials, the estimate
+    its expected confusion counts over all predictions, the realized one the labeled counts."""
+    def finalize(p):
+        return REGISTRY[ESTIMATED[of]].finalize(p) - REGISTRY[of].finalize(p)
+    return finalize
+
+
+def estimation_error(of: str) -> Metric:
+    """The estimation_error metric for payload ``of`` (a key of ESTIMATED)."""
+    return replace(REGISTRY["estimation_error"], finalize=_estimation_error(of))
 
 
 def estimated_roc_auc(y_score: np.ndarray) -> float:
@@ -383,6 +401,13 @@ _BUILTINS: list[Metric] = [
            "ROC AUC expected from the scores of all predictions, each counting s positive and 1 - s negative.",
            frozenset({CLF}), "raw", unit="none", raw=lambda w: estimated_roc_auc(w.y_score),
            labeled_only=False, payloads=_METHOD + _CALIBRATED, binned=binned_estimated_auc),
+    Metric("estimation_error", "Estimation error (CBPE)",
+           "The CBPE estimate minus the realized metric over the same window (payload 'of': "
+           "accuracy, the default, precision, recall or f1; calibration and reference as for "
+           "estimated_accuracy); empty where no label has arrived.",
+           frozenset({CLF}), _P, unit="none", finalize=_estimation_error("accuracy"),
+           needs=_EST + _CM, uses_threshold=True, labeled_only=False,
+           payloads=("of",) + _CALIBRATED),
     Metric("mae", "MAE", "Mean absolute error.", frozenset({REG}), _P, unit="none",
            finalize=lambda p: _div(p["sum_abs_err"], p["n_lab"]), needs=("n_lab", "sum_abs_err")),
     Metric("mse", "MSE", "Mean squared error.", frozenset({REG}), _P, unit="none",

@@ -225,6 +225,9 @@ class Resolver:
             of = metric_of(_single(payload.get("of"), self.field("of")) or "accuracy")
             if of.kind not in ("partial", "raw"):
                 raise bad(f"of must name a series metric of labels, not {of.name}", self.field("of"))
+            if metric.name == "estimation_error" and of.name not in metric_registry.ESTIMATED:
+                raise bad(f"of must be one of {', '.join(metric_registry.ESTIMATED)} for "
+                          "estimation_error", self.field("of"))
             params["of"] = of.name
         if "calibration" in metric.payloads:
             cal = _single(payload.get("calibration"), self.field("calibration")) or "none"
@@ -364,6 +367,8 @@ class Resolver:
                         params=tuple(sorted({**q.param_dict, "column": f"{col.kind}:{col.name}"}.items())))
             if metric.kind == "drift":
                 q = replace(q, reference=self.reference(q, col, q.param_dict["reference"]))
+        if metric.name == "estimation_error":
+            q = replace(q, metric=metric_registry.estimation_error(q.param_dict["of"]))
         if q.param_dict.get("calibration") == "isotonic":
             q = replace(q, reference=self.calibrator(q, q.param_dict["reference"]))
         return q

@@ -88,6 +88,9 @@ def classification(name: str, y_all, s_all, delay, thr: float, params: dict) -> 
         return float(np.mean(s_all >= thr)) if n_all else NAN
     if name.startswith("estimated_"):
         return estimated(name, s_all, thr)
+    if name == "estimation_error":  # the estimate over all predictions minus the labeled realized
+        of = params.get("of", "accuracy")
+        return estimated(f"estimated_{of}", s_all, thr) - classification(of, y_all, s_all, delay, thr, {})
     lab = ~np.isnan(y_all)
     if name == "label_count":
         return float(lab.sum()) if n_all else NAN

@@ -69,11 +69,12 @@ def test_isotonic_estimates_match_the_formulas(http):
     sources = {"jan": (ref_s, ref_y),
                f"{cut_lo * 1000}/{cut_hi * 1000}": (truth.score[in_range], truth.label[in_range])}
     metrics = ["estimated_accuracy", "estimated_precision", "estimated_recall", "estimated_f1",
-               "estimated_roc_auc"]
+               "estimated_roc_auc", "estimation_error"]
     windows = [("1h", 300_000), ("6h", 3_600_000), ("cumulative", 3_600_000), ("1d", 3_600_000)]
     failures, checked = [], 0
-    for k in range(30):
+    for k in range(36):
         metric = metrics[k % len(metrics)]
+        of = str(rng.choice(["accuracy", "precision", "recall", "f1"]))
         reference = list(sources)[k % 2]
         window, interval = windows[int(rng.integers(0, len(windows)))]
         thr_text = str(rng.choice(["0.5", "0.3", "0.62", "0.05"]))
@@ -85,6 +86,8 @@ def test_isotonic_estimates_match_the_formulas(http):
                    "calibration": "isotonic", "reference": reference}
         if metric == "estimated_roc_auc":
             payload["method"] = "binned"
+        if metric == "estimation_error":
+            payload["of"] = of
         if group_by:
             payload["group_by"] = group_by
         body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": interval,
@@ -98,7 +101,7 @@ def test_isotonic_estimates_match_the_formulas(http):
             if group_by:
                 value = item["target"].split(f"{group_by}=", 1)[1]
                 mask &= np.array([s.get(group_by, "(none)") == value for s in truth.segments])
-            ts, s = truth.ts_ms[mask], truth.score[mask]
+            ts, s, y = truth.ts_ms[mask], truth.score[mask], truth.label[mask]
             times = [t for _, t in item["datapoints"]]
             step = times[1] - times[0] if len(times) > 1 else interval
             width = np.inf if window == "cumulative" else {"h": 3_600_000, "d": 86_400_000}[window[-1]] * int(window[:-1])
@@ -107,7 +110,11 @@ def test_isotonic_estimates_match_the_formulas(http):
                     continue
                 sel = (ts > t - width) & (ts <= t)
                 p = calibrated(ref_scores, ref_labels, s[sel])
-                exp = expected(metric, p, s[sel], float(thr_text))
+                if metric == "estimation_error":  # the estimate minus scikit-learn on the labeled rows
+                    exp = (expected(f"estimated_{of}", p, s[sel], float(thr_text))
+                           - oracle.classification(of, y[sel], s[sel], None, float(thr_text), {}))
+                else:
+                    exp = expected(metric, p, s[sel], float(thr_text))
                 checked += 1
                 if not oracle.close(value, exp):
                     failures.append(f"{metric} {reference} {window} thr={thr_text} t={t}: {value} != {exp}")

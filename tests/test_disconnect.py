@@ -331,3 +331,25 @@ def test_reads_leave_connections_for_writes(database_url, monkeypatch):
             t.join(10)
         pool.close()
     reads.close()  # closing the share closes its pool, once
+
+
+def test_slots_serve_waiters_in_arrival_order_and_time_out():
+    slots = db.Slots(1)
+    assert slots.acquire(timeout=0)
+    order, threads = [], []
+    for i in range(3):
+        def wait(i=i):
+            if slots.acquire(timeout=5):
+                order.append(i)
+        threads.append(threading.Thread(target=wait))
+        threads[-1].start()
+        time.sleep(0.05)  # queued in this order
+    assert not slots.acquire(timeout=0.05)  # a newcomer does not jump the queue
+    for _ in range(3):
+        slots.release()  # handed to the longest waiter
+        time.sleep(0.05)
+    for t in threads:
+        t.join(5)
+    assert order == [0, 1, 2]
+    slots.release()
+    assert slots.acquire(timeout=0)

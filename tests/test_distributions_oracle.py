@@ -251,6 +251,43 @@ def test_drift_ranking_table(http, data):
     assert table["rows"][0][0] in ("f_norm", "score", "b", "f_ties")  # the shifted columns lead
 
 
+def test_drift_ranking_is_cached_until_a_write_touches_its_range(http, data, monkeypatch):
+    """A table over a closed range is computed once per write revision of the range: a write
+    into the range or a new reference recomputes it, a write outside does not."""
+    from datasource import engine
+
+    preds, reference = data
+    a, b = T0_MS + SPAN_MS // 2, T0_MS + SPAN_MS
+    calls = []
+    real = engine._drift_table
+    monkeypatch.setattr(engine, "_drift_table", lambda *args: calls.append(1) or real(*args))
+    body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": 60_000, "maxDataPoints": 100,
+            "targets": [{"refId": "A", "target": "drift_ranking", "payload": {"model": "m"}}]}
+
+    def ranking():
+        return {row[0]: row[3] for row in http.post("/query", json=body).get_json()[0]["rows"]}
+
+    first = ranking()
+    assert ranking() == first and len(calls) == 1
+    outside = {"id": "later", "ts": b + 3600_000, "score": 0.5, "segments": {"b": "x"}, "features": {}}
+    assert http.post("/api/v1/predictions", json={"model": "m", "records": [outside]}).status_code == 200
+    assert ranking() == first and len(calls) == 1
+    ts = np.array([p["ts"] for p in preds])
+    inside = dict(preds[int(np.flatnonzero((ts > a) & (ts <= b))[0])])
+    inside["score"] = 0.999  # a correction of one prediction in the range
+    assert http.post("/api/v1/predictions", json={"model": "m", "records": [inside]}).status_code == 200
+    second = ranking()
+    assert len(calls) == 2 and second != first
+    vals = np.array([p["score"] if p["id"] != inside["id"] else 0.999 for p in preds])[(ts > a) & (ts <= b)]
+    assert _close(second["score"], expected("psi", vals, reference["score"], 0.5))
+    changed = {**reference, "score": [min(1.0, v + 0.1) for v in reference["score"]]}
+    assert http.post("/api/v1/references", json={"model": "m", "name": "training",
+                                                 "columns": changed}).status_code == 201
+    third = ranking()
+    assert len(calls) == 3
+    assert _close(third["score"], expected("psi", vals, changed["score"], 0.5))
+
+
 def test_single_row_and_empty_windows(http, data):
     preds, _ = data
     first = min(p["ts"] for p in preds)

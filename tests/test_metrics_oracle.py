@@ -169,6 +169,9 @@ def test_random_queries_match_sklearn(http, task, metrics, n_queries):
         if metric == "label_delay":
             params["quantile"] = float(rng.choice([0.5, 0.9, 0.25]))
             payload["quantile"] = str(params["quantile"])
+        if metric == "estimation_error":
+            params["of"] = str(rng.choice(["accuracy", "precision", "recall", "f1"]))
+            payload["of"] = params["of"]
         if thr_text is not None:
             payload["threshold"] = thr_text
         if group_by:

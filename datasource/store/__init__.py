@@ -57,6 +57,7 @@ from datasource.store.reads import (
     joined_rows,
     latest_prediction_ts,
     partials_by_bucket,
+    range_revision,
     rollup_totals,
     score_bins_by_bucket,
     table_counts,
@@ -75,7 +76,7 @@ __all__ = [
     "score_bins_by_bucket", "COUNT_PARTIALS", "EPS", "PARTIALS", "ROLLUP_BUCKET_S", "Model", "add_event", "bucket_revisions",
     "check_rollup", "check_schema", "column_rows", "feature_names", "get_model", "joined_rows",
     "latest_prediction_ts", "list_events", "list_models", "partial_type", "partials_by_bucket",
-    "partials_fingerprint", "rebuild_rollup", "rollup_totals", "reference_column", "reference_names", "segment_sets",
+    "partials_fingerprint", "range_revision", "rebuild_rollup", "rollup_totals", "reference_column", "reference_names", "segment_sets",
     "set_reference", "sync_partials", "table_counts", "upsert_model", "write_feedback",
     "write_predictions",
 ]

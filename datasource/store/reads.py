@@ -21,6 +21,7 @@ from datasource.store.partials import (
     EPS,
     JOIN,
     PARTIALS,
+    ROLLUP_BUCKET_S,
     ROLLUP_TABLES,
     THRESHOLD_FROM_BINS,
     THRESHOLD_PARTIALS,
@@ -196,6 +197,18 @@ def bucket_revisions(conn, model: Model, *, lo_s: int | None, hi_s: int) -> pd.D
                     f" AND segset_id = 0 {lo} AND bucket_end <= %(hi)s",
                     {"m": model.model_id, "lo": lo_s, "hi": hi_s})
         return pd.DataFrame.from_records(cur.fetchall(), columns=["bucket_end", "revision"])
+
+
+def range_revision(conn, model: Model, *, lo_s: float, hi_s: float) -> int:
+    """The highest write revision of the minute buckets holding predictions with ts in
+    (lo, hi]; 0 when nothing was written there. Every write that touches a prediction of the
+    range (its score, label, features or segments) raises it."""
+    m = ROLLUP_BUCKET_S
+    with conn.cursor() as cur:
+        cur.execute("SELECT coalesce(max(revision), 0) FROM rollup WHERE model_id = %(m)s"
+                    " AND segset_id = 0 AND bucket_end > %(lo)s AND bucket_end <= %(hi)s",
+                    {"m": model.model_id, "lo": int(lo_s // m * m), "hi": int(-(-hi_s // m) * m)})
+        return int(cur.fetchone()[0])
 
 
 def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
