@@ -254,39 +254,53 @@ def binned_series(conn, q: Query, points: np.ndarray, step: int,
     by_segset = q.group_by is not None
     df = store.score_bins_by_bucket(conn, q.model, g_s=g, lo_s=start, hi_s=int(points[-1]),
                                     segset_ids=q.segset_ids, by_segset=by_segset)
-    cols = list(store.BIN_PARTIALS)
     prefix_groups = {}
     if q.window.cumulative:
         prefix = store.score_bins_by_bucket(conn, q.model, g_s=_TOTAL_G, lo_s=None, hi_s=start,
                                             segset_ids=q.segset_ids, by_segset=by_segset)
         # one bucket ending at _TOTAL_G: row 1 of a two-row grid from 0
-        prefix_groups = {k: _bin_grid(part, cols, 0, _TOTAL_G, 2)[1]
-                         for k, part in _grouped_bins(prefix, q).items()}
+        prefix_groups = _grouped_bins(prefix, q)
     by_group = _grouped_bins(df, q)
     names = sorted(set(by_group) | set(prefix_groups)) if q.group_by else [""]
     pidx = (points - start) // g
     out = []
     for name in names:
         _check_deadline(deadline, f"{q.metric.name} over {len(points)} points")
-        part = by_group.get(name)
-        csum = np.cumsum(_bin_grid(part, cols, start, g, n_buckets + 1), axis=0)
-        if q.window.cumulative:
-            win = csum[pidx] + prefix_groups.get(name, np.zeros((N_BINS, len(cols))))
-        else:
-            win = csum[pidx] - csum[pidx - q.window.width(step) // g]
-        values = finalize({c: win[:, :, j] for j, c in enumerate(cols)})
+        part, before = by_group.get(name), prefix_groups.get(name)
+
+        def window(c, part=part, before=before):
+            """One partial per point and bin: prefix sums of the dense grid, differenced."""
+            csum = np.cumsum(_bin_grid(part, c, start, g, n_buckets + 1), axis=0)
+            if q.window.cumulative:
+                return csum[pidx] + _bin_grid(before, c, 0, _TOTAL_G, 2)[1]
+            return csum[pidx] - csum[pidx - q.window.width(step) // g]
+
+        values = finalize(_OnDemand(window))  # only the partials the finalizer reads
         out.append(Series(name, points, np.asarray(values, dtype=np.float64),
                           {q.group_by: name} if q.group_by else {}))
     return out
 
 
-def _bin_grid(part: pd.DataFrame | None, cols: list[str], start: int, g: int, rows: int) -> np.ndarray:
-    """(rows, N_BINS, partials) dense array of bucket index x bin x partial."""
-    dense = np.zeros((rows, N_BINS, len(cols)))
-    if part is not None and not part.empty:
-        idx = (part["bucket_end"].to_numpy(np.int64) - start) // g
-        np.add.at(dense, (idx, part["bin"].to_numpy(np.int64)), part[cols].to_numpy(np.float64))
-    return dense
+class _OnDemand(dict):
+    """A mapping that computes a key's value on first access."""
+
+    def __init__(self, compute):
+        super().__init__()
+        self._compute = compute
+
+    def __missing__(self, key):
+        value = self[key] = self._compute(key)
+        return value
+
+
+def _bin_grid(part: pd.DataFrame | None, col: str, start: int, g: int, rows: int) -> np.ndarray:
+    """(rows, N_BINS) dense array of one partial per bucket index and bin; bincount sums the
+    rows that share a cell (segment sets of one group, level buckets of one g-bucket)."""
+    if part is None or part.empty:
+        return np.zeros((rows, N_BINS))
+    flat = (part["bucket_end"].to_numpy(np.int64) - start) // g * N_BINS + part["bin"].to_numpy(np.int64)
+    return np.bincount(flat, weights=part[col].to_numpy(np.float64),
+                       minlength=rows * N_BINS).reshape(rows, N_BINS)
 
 
 def _grouped_bins(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:

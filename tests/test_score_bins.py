@@ -258,6 +258,22 @@ def test_level_pieces_tile_the_range_once(seed):
     assert len(pieces) <= 2 * (4 + 11 + 23) + 1
 
 
+def _edit_bins(conn, table, edit, limit=None):
+    """Change stored score-bin records in place (``edit`` gets each row's record array)."""
+    from datasource.store import bins
+
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT model_id, segset_id, bucket_end, bins FROM {table}"
+                    + (f" LIMIT {int(limit)}" if limit else ""))
+        rows = cur.fetchall()
+        for m, s, b, blob in rows:
+            rec = np.frombuffer(bytes(blob), dtype=bins.RECORD).copy()
+            edit(rec)
+            cur.execute(f"UPDATE {table} SET bins = %s WHERE model_id = %s AND segset_id = %s"
+                        " AND bucket_end = %s", (rec.tobytes(), m, s, b))
+    assert rows
+
+
 def test_check_rollup_sees_every_level(conn):
     from datasource import ingest
 
@@ -273,10 +289,13 @@ def test_check_rollup_sees_every_level(conn):
     conn.commit()
     assert store.check_rollup(conn, model) == []
     for table in (*partials.ROLLUP_TABLES.values(), *partials.BIN_TABLES.values()):
-        column = "n" if table.startswith("score_bins") else "n_pred"
-        with conn.cursor() as cur:
-            cur.execute(f"UPDATE {table} SET {column} = {column} + 1 WHERE ctid ="
-                        f" (SELECT ctid FROM {table} LIMIT 1)")
+        if table.startswith("score_bins"):
+            _edit_bins(conn, table, lambda rec: rec.__setitem__("n", rec["n"] + (np.arange(len(rec)) == 0)),
+                       limit=1)
+        else:
+            with conn.cursor() as cur:
+                cur.execute(f"UPDATE {table} SET n_pred = n_pred + 1 WHERE ctid ="
+                            f" (SELECT ctid FROM {table} LIMIT 1)")
         diffs = store.check_rollup(conn, model)
         assert [d["table"] for d in diffs] == [table], table
         conn.rollback()
@@ -306,9 +325,13 @@ def test_grid_thresholds_and_binned_metrics_read_the_score_bins(http, database_u
     before = values()
     assert all(v is not None for v in before["A"][-3:] + before["B"][-3:])
     conn = psycopg2.connect(database_url)
-    with conn.cursor() as cur:
-        for table in partials.BIN_TABLES.values():
-            cur.execute(f"UPDATE {table} SET pos = 0, neg = 0")
+
+    def no_labels(rec):
+        rec["pos"] = 0
+        rec["neg"] = 0
+
+    for table in partials.BIN_TABLES.values():
+        _edit_bins(conn, table, no_labels)
     conn.commit()
     conn.close()
     after = values()
@@ -349,3 +372,65 @@ def test_coarse_panels_read_the_coarse_levels(http, database_url):
                 store.rebuild_rollup(c2, model)
         assert values(3_600_000) == hourly
     conn.close()
+
+
+def test_packed_bins_follow_corrections_and_empty_buckets(conn):
+    """The packed rows (store/bins.py) after corrections that move predictions between bins,
+    buckets and segment sets, and empty a bucket entirely: equal to a rebuild, no residue of
+    an emptied bin, and the threshold sums equal numpy's on the final rows."""
+    from datasource import ingest
+    from datasource.records import parse_feedback, parse_predictions
+    from datasource.store import bins
+
+    ingest.register_model(conn, {"name": "m", "threshold": 0.5})
+    model = store.get_model(conn, "m")
+    rng = np.random.default_rng(9)
+    n = 400
+    ts = T0_MS + rng.integers(0, 6 * 3600_000, n)
+    scores = rng.random(n)
+    segs = rng.choice(["x", "y"], n)
+
+    def write(idx):
+        preds = [{"id": f"p{i}", "ts": int(ts[i]), "score": float(scores[i]),
+                  "segments": {"b": str(segs[i])}} for i in idx]
+        store.write_predictions(conn, model, parse_predictions(preds, model.task, 10**6))
+
+    write(range(n))
+    fbs = [{"id": f"p{i}", "ts": int(ts[i]) + 60_000, "label": int(rng.random() < scores[i])}
+           for i in range(n)]
+    store.write_feedback(conn, model, parse_feedback(fbs, model.task, 10**6))
+    first_bucket = ts < T0_MS + 3600_000
+    for _ in range(3):  # corrections: new scores, segment sets and times; empty the first hour
+        moved = rng.choice(n, 120, replace=False)
+        scores[moved] = rng.random(120)
+        segs[moved] = rng.choice(["x", "y", "z"], 120)
+        ts[moved] = T0_MS + rng.integers(3600_000, 6 * 3600_000, 120)
+        write(moved)
+    ts[first_bucket] = T0_MS + 5 * 3600_000
+    write(np.flatnonzero(first_bucket))
+    assert store.check_rollup(conn, model) == []
+    stored = bins.read(conn, partials.BIN_TABLES[300], "model_id = %(m)s", {"m": model.model_id})
+    assert (stored["n"] > 0).all()  # emptied bins leave no record
+    assert stored[stored["bucket_end"] < (T0_MS + 3600_000) // 1000].empty  # the emptied hour
+    labels = np.array([f["label"] for f in fbs], float)
+    for k in (0, 30, 50, 77, 100):
+        got = store.partials_by_bucket(conn, model, g_s=store.ALL_TIME_S, lo_s=None, hi_s=3_000_000_000,
+                                       segset_ids=None, by_segset=False, threshold=k / 100,
+                                       from_rollup=True)
+        above = scores >= k / 100
+        assert got["n_pred_pos"].sum() == above.sum()
+        assert got["tp"].sum() == (above & (labels == 1)).sum()
+        assert got["fp"].sum() == (above & (labels == 0)).sum()
+        np.testing.assert_allclose(got["sum_score_pos"].sum(), scores[above].sum(), rtol=1e-12)
+
+
+def test_group_sum_sorts_only_when_needed():
+    from datasource.store import bins
+
+    rec = {"a": np.array([1, 1, 2, 2, 2]), "b": np.array([5, 5, 1, 3, 3]), "v": np.arange(5.0)}
+    out = bins.group_sum(rec, ["a", "b"], ["v"])
+    assert out["a"].tolist() == [1, 2, 2] and out["b"].tolist() == [5, 1, 3]
+    assert out["v"].tolist() == [1.0, 2.0, 7.0]
+    shuffled = {k: v[[4, 0, 2, 1, 3]] for k, v in rec.items()}
+    again = bins.group_sum(shuffled, ["a", "b"], ["v"])
+    assert {k: v.tolist() for k, v in again.items()} == {k: v.tolist() for k, v in out.items()}

@@ -55,7 +55,8 @@ ROLLUP_TABLES = {60: "rollup", 300: "rollup_5m", 3600: "rollup_1h", 86400: "roll
 # Per bucket, segment set and score bin k (scores in [k/100, (k+1)/100), bin 100: score 1):
 # 100 bins because a threshold is chosen in hundredths, ten calibration bins are unions of
 # ten of them, and the binned ROC AUC's error bound (ties within a bin) shrinks with the
-# width; more bins would multiply the rows of every bucket. Classifiers only.
+# width; more bins would multiply the bytes of every bucket. Stored packed, one row per bucket
+# and segment set (store/bins.py). Classifiers only.
 SCORE_BINS = 100
 N_BINS = SCORE_BINS + 1
 BIN_EDGES = [k / SCORE_BINS for k in range(SCORE_BINS + 1)]  # k/100: the double of "0.29"
@@ -148,7 +149,8 @@ def partials_fingerprint() -> str:
     is rebuilt, so a new or redefined partial never serves zeros or stale sums."""
     text = "\n".join(f"{n}\t{partial_type(n)}\t{PARTIALS[n]}" for n in sorted(PARTIALS))
     text += f"\nlevels {LEVELS}\nbins {BIN_LEVELS} {BIN_EDGES} {BIN}\n"
-    text += "\n".join(f"bin {n}\t{BIN_PARTIALS[n]}" for n in sorted(BIN_PARTIALS))
+    text += "\n".join(f"bin {n}\t{BIN_PARTIALS[n]}" for n in BIN_PARTIALS)  # in record order
+    text += "\nbins packed per bucket and segment set (store/bins.py)"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -13,10 +13,10 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from datasource.store import bins
 from datasource.store.catalog import Model
 from datasource.store.partials import (
     ALL_TIME_S,
-    BIN_PARTIALS,
     BIN_TABLES,
     EPS,
     JOIN,
@@ -78,12 +78,14 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
             k = grid_bin(threshold)
             if k is None:
                 raise ValueError(f"threshold {threshold} is not on the score-bin grid")
-            sums = [(f"coalesce(sum(r.{THRESHOLD_FROM_BINS[c]}) FILTER (WHERE r.bin >= {int(k)}), 0)",
-                     c) for c in from_bins]
-            bins = _level_union(conn, BIN_TABLES, params, sums, segset_ids, by_segset,
-                                [THRESHOLD_FROM_BINS[c] for c in from_bins] + ["bin"])
-            keys = ["bucket_end", "segset_id"] if by_segset else ["bucket_end"]
-            df = df.merge(bins, on=keys, how="outer").fillna(0.0) if not df.empty or not bins.empty \
+            keys = ["segset_id", "bucket_end"] if by_segset else ["bucket_end"]
+            records = _bin_union(conn, params, segset_ids, by_segset)
+            above = records["bin"] >= k
+            sums = bins.group_sum({**{c: records[c] for c in keys},
+                                   **{c: np.where(above, records[THRESHOLD_FROM_BINS[c]], 0.0)
+                                      for c in from_bins}}, keys, from_bins)
+            above = pd.DataFrame(sums, columns=keys + from_bins)
+            df = df.merge(above, on=keys, how="outer").fillna(0.0) if not df.empty or not above.empty \
                 else df.assign(**{c: [] for c in from_bins})
     else:
         bucket = "(ceil(extract(epoch FROM p.ts) / %(g)s)::bigint * %(g)s)"
@@ -121,24 +123,48 @@ def _rollup_sums(conn, tables: dict[int, str], params: dict, names: list[str],
                         names + (["revision"] if revision else []))
 
 
-def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[str, str]],
-                 segset_ids, by_segset: bool, read: list[str], by_bin: bool = False) -> pd.DataFrame:
-    """``sums`` ((aggregate, name) pairs) per g-bucket over the rows of the coarsest levels that
-    serve (lo, hi]: one level whose width divides g, or (g = ALL_TIME_S) the levels that tile
-    the range. Read through binary COPY (every column 8 bytes: a 7-day panel's score bins are
-    ~200K rows, whose numeric sums would otherwise arrive as Decimals)."""
+def _pieces(params: dict, levels: tuple[int, ...]) -> list[tuple[int, int | None, int]]:
+    """The levels that serve (lo, hi] for g-buckets: one level whose width divides g, or
+    (g = ALL_TIME_S) the levels that tile the range."""
     g, lo, hi = params["g"], params["lo"], params["hi"]
-    levels = tuple(sorted(tables))
     finest = levels[0]
     if any(x is not None and x % finest for x in (lo, hi)) or (g != ALL_TIME_S and g % finest):
         raise ValueError(f"these buckets are multiples of {finest} s: g, lo and hi must be too")
     if g == ALL_TIME_S:
-        pieces = level_pieces(lo, hi, levels)
-    else:
-        pieces = [(level_for(int(np.gcd.reduce([g, hi] + ([] if lo is None else [lo]))), levels),
-                   lo, hi)]
-    seg_where = "segset_id = 0" if segset_ids is None and not by_segset else (
+        return level_pieces(lo, hi, levels)
+    return [(level_for(int(np.gcd.reduce([g, hi] + ([] if lo is None else [lo]))), levels), lo, hi)]
+
+
+def _seg_where(segset_ids, by_segset: bool) -> str:
+    return "segset_id = 0" if segset_ids is None and not by_segset else (
         "segset_id <> 0" if segset_ids is None else "segset_id = ANY(%(segs)s)")
+
+
+def _bin_union(conn, params: dict, segset_ids, by_segset: bool) -> dict[str, np.ndarray]:
+    """The score-bin records over (lo, hi] from the levels ``_pieces`` picks, each bucket end
+    rounded up to its g-bucket: segset_id, bucket_end, bin, BIN_PARTIALS. A (g-bucket, [segset,]
+    bin) may repeat (several level buckets or segment sets in one): the callers sum."""
+    g = params["g"]
+    parts = []
+    for width, a, b in _pieces(params, tuple(sorted(BIN_TABLES))):
+        lower = "" if a is None else "AND bucket_end > %(a)s"
+        part = bins.read_records(conn, BIN_TABLES[width],
+                                 f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
+                                 " AND bucket_end <= %(b)s", {**params, "a": a, "b": b})
+        if width != g:
+            part["bucket_end"] = -(-part["bucket_end"] // g) * g
+        parts.append(part)
+    return bins.concat(parts)
+
+
+def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[str, str]],
+                 segset_ids, by_segset: bool, read: list[str]) -> pd.DataFrame:
+    """``sums`` ((aggregate, name) pairs) per g-bucket over the rows of the coarsest levels that
+    serve (lo, hi] (``_pieces``). Read through binary COPY (every column 8 bytes: numeric
+    sums would otherwise arrive as Decimals)."""
+    g = params["g"]
+    pieces = _pieces(params, tuple(sorted(tables)))
+    seg_where = _seg_where(segset_ids, by_segset)
     params = dict(params)
     selects = []
     for i, (width, a, b) in enumerate(pieces):
@@ -149,13 +175,10 @@ def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[st
                        f" {lower} AND bucket_end <= %(b{i})s")
     # ceil(bucket_end / g) * g in integers (bigint / truncates towards zero)
     bucket = "((r.bucket_end / %(g)s + (r.bucket_end %% %(g)s > 0)::int) * %(g)s)"
-    keys = [(bucket, "bucket_end")] + ([("r.segset_id", "segset_id")] if by_segset else []) \
-        + ([("r.bin", "bin")] if by_bin else [])
+    keys = [(bucket, "bucket_end")] + ([("r.segset_id", "segset_id")] if by_segset else [])
     # One level of width g, and each stored row its own output row (all segments' row 0, or
-    # per segment set): no aggregate needed (a 7-day panel's 5-minute score bins: 133K rows,
-    # whose hash aggregate cost more than reading them).
-    direct = (len(pieces) == 1 and pieces[0][0] == g and (segset_ids is None or by_segset)
-              and by_bin == ("bin" in read))  # summing over bins (a threshold) needs the group
+    # per segment set): no aggregate needed.
+    direct = len(pieces) == 1 and pieces[0][0] == g and (segset_ids is None or by_segset)
     if direct:
         keys = [("r.bucket_end", "bucket_end")] + keys[1:]
         sums = [(_row_value(expr), name) for expr, name in sums]
@@ -181,12 +204,14 @@ def _row_value(aggregate: str) -> str:
 def score_bins_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: int,
                          segset_ids: Sequence[int] | None, by_segset: bool) -> pd.DataFrame:
     """The score-bin partials per g-bucket and bin (g, lo and hi whole minutes; g = ALL_TIME_S:
-    one bucket): bucket_end, [segset_id], bin, n, pos, neg, sum_score, sum_score_lab."""
+    one bucket): bucket_end, [segset_id], bin, n, pos, neg, sum_score, sum_score_lab. A
+    (bucket_end, [segset_id,] bin) may come in several rows: the partials are their sum."""
     params = {"m": model.model_id, "g": g_s, "lo": lo_s, "hi": hi_s,
               "segs": list(segset_ids) if segset_ids is not None else None}
-    names = list(BIN_PARTIALS)
-    return _level_union(conn, BIN_TABLES, params, [(f"sum(r.{c})", c) for c in names],
-                        segset_ids, by_segset, names + ["bin"], by_bin=True)
+    records = _bin_union(conn, params, segset_ids, by_segset)
+    if not by_segset:
+        del records["segset_id"]
+    return bins.frame(records)
 
 
 def bucket_revisions(conn, model: Model, *, lo_s: int | None, hi_s: int) -> pd.DataFrame:

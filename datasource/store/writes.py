@@ -12,7 +12,10 @@ import io
 import logging
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from datasource.records import FeedbackRows, PredictionRows
+from datasource.store import bins
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
     BIN,
@@ -38,6 +41,7 @@ from datasource.store.partials import (
     raw_bucket,
     select_partials,
 )
+from datasource.store.reads import _copy_out
 
 log = logging.getLogger(__name__)
 BIN_BUCKET = raw_bucket(BIN_BASE_S)  # the score bins' delta is kept at their finest level
@@ -86,7 +90,7 @@ def check_schema(conn) -> None:
     """Fail fast when the rollup does not hold the declared partials (``sync_partials`` not run)."""
     with conn.cursor() as cur:
         missing = {f"{t}.{c}" for t in ROLLUP_TABLES.values() for c in set(PARTIALS) - _rollup_columns(cur, t)}
-        missing |= {f"{t}.{c}" for t in BIN_TABLES.values() for c in set(BIN_PARTIALS) - _rollup_columns(cur, t)}
+        missing |= {f"{t}.bins" for t in BIN_TABLES.values() if "bins" not in _rollup_columns(cur, t)}
         cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
         row = cur.fetchone()
     conn.rollback()
@@ -158,9 +162,7 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
     sums = ", ".join(
         f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
     )
-    bin_sums = ", ".join(
-        f"sum({c})::bigint" if c in BIN_COUNTS else f"sum({c})" for c in BIN_PARTIALS
-    )
+    bin_sums = ", ".join(f"sum({c})::float8" for c in BIN_PARTIALS)
     for width in LEVELS:
         table, bucket = ROLLUP_TABLES[width], level_bucket("bucket_end", width)
         cur.execute(
@@ -175,18 +177,11 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
             {"m": model.model_id, "rev": revision},
         )
     if model.is_classifier:
+        delta = _copy_out(cur.connection,
+                          f"SELECT segset_id::int8, bucket_end, bin::int8, {bin_sums} FROM bins_delta"
+                          " GROUP BY segset_id, bucket_end, bin", {}, bins.COLUMNS)
         for width in BIN_LEVELS:
-            table, bucket = BIN_TABLES[width], level_bucket("bucket_end", width, BIN_BASE_S)
-            cur.execute(
-                f"""
-                INSERT INTO {table} (model_id, segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
-                SELECT %(m)s, segset_id, {bucket}, bin, {bin_sums}
-                FROM bins_delta GROUP BY segset_id, {bucket}, bin
-                ON CONFLICT (model_id, segset_id, bucket_end, bin) DO UPDATE SET
-                  {", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in BIN_PARTIALS)}
-                """,
-                {"m": model.model_id},
-            )
+            bins.merge(cur, BIN_TABLES[width], model.model_id, _to_level(delta, width))
     # Made per batch from the declared partials: a partial added since the connection opened
     # gets its column (the tables are dropped here, and at commit if a statement failed).
     cur.execute("DROP TABLE rollup_delta, bins_delta")
@@ -356,19 +351,26 @@ def rebuild_rollup(conn, model: Model) -> int:
                 f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s"
                 f" GROUP BY model_id, segset_id, {bucket}", params)
         if model.is_classifier:
-            names = ", ".join(BIN_PARTIALS)
-            base = BIN_TABLES[BIN_BASE_S]
-            cur.execute(f"INSERT INTO {base} (model_id, segset_id, bucket_end, bin, {names})"
-                        f" SELECT %(m)s, segset_id, bucket_end, bin, {names} FROM ({bin_contributions()}) c",
-                        params)
-            for width in BIN_LEVELS[1:]:  # the coarser bins from the 5-minute bins
-                bucket = level_bucket("bucket_end", width, BIN_BASE_S)
-                cur.execute(
-                    f"INSERT INTO {BIN_TABLES[width]} (model_id, segset_id, bucket_end, bin, {names})"
-                    f" SELECT model_id, segset_id, {bucket}, bin, {', '.join(f'sum({c})' for c in BIN_PARTIALS)}"
-                    f" FROM {base} WHERE model_id = %(m)s GROUP BY model_id, segset_id, {bucket}, bin",
-                    params)
+            base = _bin_rows(conn, bin_contributions(), params)
+            for width in BIN_LEVELS:  # the coarser bins from the 5-minute bins
+                bins.replace_all(cur, BIN_TABLES[width], model.model_id, _to_level(base, width))
         return minute_rows
+
+
+def _bin_rows(conn, contributions_sql: str, params: dict):
+    """The score-bin records a ``bin_contributions`` query computes from raw rows."""
+    sums = ", ".join(f"{c}::float8" for c in BIN_PARTIALS)
+    return _copy_out(conn, f"SELECT segset_id::int8, bucket_end, bin::int8, {sums}"
+                           f" FROM ({contributions_sql}) c", params, bins.COLUMNS)
+
+
+def _to_level(records, width: int):
+    """5-minute bin records summed into the buckets of ``width`` (ceil(end / width) * width)."""
+    if width == BIN_BASE_S:
+        return records
+    out = records.copy()
+    out["bucket_end"] = -(-out["bucket_end"] // width) * width
+    return bins.aggregate(out, ["segset_id", "bucket_end", "bin"])
 
 
 def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
@@ -384,8 +386,24 @@ def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
         diffs += _diff(conn, ROLLUP_TABLES[width], ("segset_id", "bucket_end"), PARTIALS,
                        COUNT_PARTIALS, all_contributions(width), params, rel_tol, width)
     for width in BIN_LEVELS if model.is_classifier else ():
-        diffs += _diff(conn, BIN_TABLES[width], ("segset_id", "bucket_end", "bin"), BIN_PARTIALS,
-                       BIN_COUNTS, bin_contributions(width), params, rel_tol, width)
+        diffs += _diff_bins(conn, model, width, params, rel_tol)
+    return diffs
+
+
+def _diff_bins(conn, model: Model, width: int, params: dict, rel_tol: float) -> list[dict]:
+    """Stored score-bin records of one level against a rebuild (a missing record is zeros)."""
+    table = BIN_TABLES[width]
+    stored = bins.read(conn, table, "model_id = %(m)s", {"m": model.model_id})
+    rebuilt = _bin_rows(conn, bin_contributions(width), params)
+    keys = ["segset_id", "bucket_end", "bin"]
+    both = stored.merge(rebuilt, on=keys, how="outer", suffixes=("_s", "_r")).fillna(0.0)
+    diffs = []
+    for name in BIN_PARTIALS:
+        s, r = both[f"{name}_s"].to_numpy(), both[f"{name}_r"].to_numpy()
+        bad = s != r if name in BIN_COUNTS else np.abs(s - r) > rel_tol * np.maximum(1.0, np.abs(r))
+        for i in np.flatnonzero(bad):
+            diffs.append({**{k: int(both[k].iat[i]) for k in keys}, "level_s": width, "table": table,
+                          "partial": name, "stored": float(s[i]), "rebuilt": float(r[i])})
     return diffs
 
 
