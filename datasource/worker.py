@@ -56,7 +56,6 @@ def request_kind(conn) -> str | None:
     return "write" if buffered.startswith(WRITE_PREFIX) else "read"
 
 
-
 def _lower_priority() -> None:
     """A read thread's initializer: a higher nice value, so that under CPU contention the
     write threads run first (benchmarks/load.py: the writer's batches 0.71 -> 0.52 s p50 under

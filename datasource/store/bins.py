@@ -29,7 +29,6 @@ from datasource.store.partials import BIN_PARTIALS
 
 NAMES = list(BIN_PARTIALS)
 RECORD = np.dtype([("bin", "u1")] + [(c, "<f8") for c in NAMES])  # packed: 41 bytes
-LAYOUT = f"bin records: {RECORD.descr} little-endian, sorted by bin, empty bins left out"
 _ROW = struct.Struct(">hiqiqi")  # a binary COPY row's field count, then 8-byte fields' lengths and values
 COLUMNS = ["segset_id", "bucket_end", "bin", *NAMES]
 
@@ -120,10 +119,9 @@ def read(conn, table: str, where: str, params: dict, source: str | None = None) 
 
 
 def aggregate(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Sums of the bin partials per ``keys``."""
-    if df.empty:
-        return df[keys + NAMES].copy() if set(keys) <= set(df.columns) else empty()[keys + NAMES]
-    return df.groupby(keys, sort=True, as_index=False)[NAMES].sum()
+    """Sums of the bin partials per ``keys`` (``group_sum`` on a DataFrame's columns)."""
+    sums = group_sum({c: df[c].to_numpy() for c in keys + NAMES}, keys, NAMES)
+    return frame(sums) if len(df) else empty()[keys + NAMES]
 
 
 def _encode(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
