@@ -1,7 +1,7 @@
 """``mlsli``: one command for what the repository's scripts do (installed by ``pip install .``).
 
 ``mlsli serve`` (gunicorn, or ``--dev`` for Flask's server), ``mlsli demo`` (loader.demo),
-``mlsli load`` (the taxi loader, ``python -m loader``) and ``mlsli migrate``. ``demo`` and
+``mlsli load`` (the taxi loader, ``python -m loader``), ``mlsli migrate`` and ``mlsli retention``. ``demo`` and
 ``load`` hand every argument after them to those programs, ``--help`` included, so their help
 stays the one source of their options.
 
@@ -22,6 +22,8 @@ COMMANDS = {
     "load": "the NYC-taxi loader: generate, train, backfill, live, run (python -m loader)",
     "migrate": "apply the schema migrations to DATABASE_URL (or the embedded PostgreSQL), "
                "as the schema's owner",
+    "retention": "drop the weeks of raw rows older than --days (RETENTION; the server also "
+                 "does it hourly when RETENTION is set); the rollups stay",
 }
 
 
@@ -93,6 +95,27 @@ def migrate(argv: list[str]) -> int:
     return 0
 
 
+def retention(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mlsli retention", description=COMMANDS["retention"] + ".")
+    p.add_argument("--days", type=int, default=int(os.environ.get("RETENTION") or 0),
+                   help="days of raw rows to keep (default $RETENTION; 0 keeps all)")
+    p.add_argument("--database-url", default=None, help="PostgreSQL URL (default $DATABASE_URL; "
+                                                        "unset: the embedded server)")
+    args = p.parse_args(argv)
+    from datasource import db, store
+    from datasource.config import Settings
+
+    settings = Settings.from_env(database_url=args.database_url)
+    conn = db.connect(db.resolve_url(settings.database_url, settings.data_dir), statement_timeout_ms=0)
+    try:
+        n = store.apply_retention(conn, args.days)
+        print(f"dropped {n} weekly partition(s); raw rows kept from {store.raw_horizon(conn)}")
+    finally:
+        conn.close()
+        db.stop_embedded()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -110,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(rest)
     if command == "migrate":
         return migrate(rest)
+    if command == "retention":
+        return retention(rest)
     if command == "demo":
         from loader import demo
 

@@ -28,6 +28,7 @@ class Settings:
     metrics_modules: tuple[str, ...] = field(default_factory=tuple)  # METRICS_MODULES (comma list)
     export_config: str | None = None  # EXPORT_CONFIG: YAML of extra SLIs for GET /metrics
     export_window_end: str = "now"  # EXPORT_WINDOW_END: now | latest (each model's last prediction)
+    retention: int = 0  # RETENTION: days of raw rows kept (0: all); older weeks dropped hourly
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:

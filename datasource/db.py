@@ -395,6 +395,10 @@ def grant_roles(conn, *, rw_role: str | None = None, read_role: str | None = Non
                         .format(r))
             cur.execute(sql.SQL(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT {sequences} ON SEQUENCES"
                                 " TO {}").format(r))
+        if rw_role:  # writers create weekly partitions, retention drops them (migration 008)
+            cur.execute(sql.SQL("GRANT EXECUTE ON FUNCTION mlsli_add_partitions(text, date[]),"
+                                " mlsli_drop_partitions(timestamptz, timestamptz) TO {}")
+                        .format(sql.Identifier(rw_role)))
     conn.commit()
 
 

@@ -179,7 +179,8 @@ class Snapshot:
 def _totals(conn, model: query_service.Model) -> dict[str, float]:
     """All-time counts from the rollup's all-segments rows (segset 0), at the model's threshold."""
     tot = query_service.totals(conn, model, ("n_pred", "n_lab", "tp", "fp", "sum_label"))
-    out = {"predictions": tot["n_pred"], "labeled": tot["n_lab"]}
+    out = {"predictions": tot["n_pred"], "labeled": tot["n_lab"],
+           "late_labels": query_service.retention(conn, model)["late_labels_dropped"]}
     if model.is_classifier:
         # correct = tp + tn, tn = labeled negatives not predicted positive
         out["correct"] = tot["tp"] + (tot["n_lab"] - tot["sum_label"] - tot["fp"])
@@ -346,8 +347,13 @@ class SliCollector:
         correct = CounterMetricFamily("mlsli_correct_predictions",
                                       "Labeled predictions correct at the model's threshold",
                                       labels=["model"])
+        late = CounterMetricFamily("mlsli_late_labels_dropped",
+                                   "Labels not stored because retention had dropped their "
+                                   "prediction (or their time was before the horizon)",
+                                   labels=["model"])
         for model, c in sorted(s.counts.items()):
             preds.add_metric([model], c["predictions"])
+            late.add_metric([model], c.get("late_labels", 0))
             labeled.add_metric([model], c["labeled"])
             if "correct" in c:
                 correct.add_metric([model], c["correct"])
@@ -355,7 +361,7 @@ class SliCollector:
             ends.add_metric([model], end)
         ok = GaugeMetricFamily("mlsli_sli_export_ok", "1 when the last SLI read succeeded")
         ok.add_metric([], 1.0 if s.ok else 0.0)
-        yield from (sli, ends, preds, labeled, correct, ok)
+        yield from (sli, ends, preds, labeled, correct, late, ok)
 
 
 @bp.get("/metrics")

@@ -126,4 +126,5 @@ def model_summary(conn, name: object) -> dict:
     model = require_model(conn, name)
     latest = store.latest_prediction_ts(conn, model)
     return {**model_json(model), **store.table_counts(conn, model),
-            "latest_prediction_ts": latest.isoformat() if latest else None}
+            "latest_prediction_ts": latest.isoformat() if latest else None,
+            "retention": store.retention_status(conn, model.model_id)}

@@ -698,3 +698,8 @@ def totals(conn, model: store.Model, columns) -> dict[str, float]:
     """All-time sums of declared partials (``n_pred``, ``tp``…) over every segment, at the
     model's threshold: one aggregate over the rollup, whatever the number of predictions."""
     return store.rollup_totals(conn, model, tuple(columns))
+
+
+def retention(conn, model: store.Model) -> dict:
+    """What retention dropped for a model, and the late labels it counted instead of storing."""
+    return store.retention_status(conn, model.model_id)

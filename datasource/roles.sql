@@ -25,5 +25,9 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE O
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO mlsli_rw;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO mlsli_read;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON SEQUENCES TO mlsli_read;
+-- Writers create weekly partitions of the raw tables, and RETENTION drops old ones, through
+-- two SECURITY DEFINER functions of the owner (migration 008); the read role can do neither.
+GRANT EXECUTE ON FUNCTION mlsli_add_partitions(text, date[]),
+    mlsli_drop_partitions(timestamptz, timestamptz) TO mlsli_rw;
 -- PostgreSQL 15+ no longer lets PUBLIC create in schema public; on older servers also run:
 --   REVOKE CREATE ON SCHEMA public FROM PUBLIC;

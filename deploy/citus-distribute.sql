@@ -7,7 +7,7 @@
 --   psql -v ON_ERROR_STOP=1 -f deploy/citus-distribute.sql "$OWNER_URL"
 --
 -- Where each table goes:
---   * reference (one shard, copied to every node): models, model_events;
+--   * reference (one shard, copied to every node): models, model_events, raw_horizon;
 --   * local (on the coordinator only): schema_version, partial_set;
 --   * distributed by model_id, co-located with predictions: every other table of the schema,
 --     each of which must have a model_id column in every primary key and unique constraint
@@ -27,7 +27,7 @@
 CREATE TEMP VIEW mlsli_placement AS
 SELECT c.oid::regclass AS rel,
        c.relname::text AS relname,
-       CASE WHEN c.relname IN ('models', 'model_events') THEN 'reference'
+       CASE WHEN c.relname IN ('models', 'model_events', 'raw_horizon') THEN 'reference'
             WHEN c.relname IN ('schema_version', 'partial_set') THEN 'local'
             WHEN EXISTS (SELECT 1 FROM pg_attribute a
                          WHERE a.attrelid = c.oid AND a.attname = 'model_id' AND NOT a.attisdropped)

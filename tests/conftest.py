@@ -46,7 +46,8 @@ def empty_database(url: str) -> None:
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
         cur.execute("TRUNCATE rollup, rollup_5m, rollup_1h, rollup_1d, score_bins_5m,"
-                    " score_bins_1h, score_bins_1d, model_events, feedback, predictions, segment_sets, models"
+                    " score_bins_1h, score_bins_1d, model_events, feedback, predictions, segment_sets, models,"
+                    " raw_horizon, retention_counts, dropped_keys"
                     " RESTART IDENTITY CASCADE")
     conn.commit()
     conn.close()

@@ -6,7 +6,8 @@ Design, in short:
 
 * ``predictions`` and ``feedback`` are keyed by (model, output_id). A re-sent
   record replaces the old one (upsert); feedback may come first and joins when
-  its prediction arrives.
+  its prediction arrives. Both are partitioned by week of ts (``retention``), and each
+  prediction row carries its label, so that reads never join feedback.
 * ``rollup`` holds mergeable partial aggregates (counts and sums, see
   ``PARTIALS``) per model, one-minute bucket and segment set, plus segset 0 for
   all segments; ``rollup_5m``, ``rollup_1h`` and ``rollup_1d`` hold the same at
@@ -62,6 +63,13 @@ from datasource.store.reads import (
     score_bins_by_bucket,
     table_counts,
 )
+from datasource.store.retention import (
+    RawRowsDropped,
+    apply_retention,
+    partitions,
+    raw_horizon,
+    retention_status,
+)
 from datasource.store.writes import (
     check_rollup,
     check_schema,
@@ -78,5 +86,6 @@ __all__ = [
     "latest_prediction_ts", "list_events", "list_models", "partial_type", "partials_by_bucket",
     "partials_fingerprint", "range_revision", "rebuild_rollup", "rollup_totals", "reference_column", "reference_names", "segment_sets",
     "set_reference", "sync_partials", "table_counts", "upsert_model", "write_feedback",
-    "write_predictions",
+    "write_predictions", "RawRowsDropped", "apply_retention", "partitions", "raw_horizon",
+    "retention_status",
 ]

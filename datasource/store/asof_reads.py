@@ -7,7 +7,8 @@ from which the engine finds, for any lag L with ``res`` dividing every t + L - s
 that knows the label: f.ts <= t + L  <=>  h <= t + L - shift.
 
 Both reads use the declared partial expressions (``PARTIALS``, reading ``p.*`` and
-``f.label``) or the raw joined rows; nothing is re-defined here.
+``f.label``) or the raw rows, whose label and its time are on the prediction row; nothing
+is re-defined here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 from datasource.store.catalog import Model
 from datasource.store.partials import EPS, PARTIALS
 from datasource.store.reads import _copy_out
+from datasource.store.retention import require_retained
 
 
 def _ceil_bucket(ts: str, width: str) -> str:
@@ -27,6 +29,11 @@ def _ceil_bucket(ts: str, width: str) -> str:
     ceil(ts / width) * width, exactly, in the integer microseconds of date_bin (PostgreSQL
     14+; several times cheaper per row than numeric epoch arithmetic)."""
     return f"(date_bin({width}, {ts} - interval '1 microsecond', 'epoch') + {width})"
+
+
+# A column of the prediction row's label (migration 008) as known at the cutoff: NULL when
+# the label arrived after it (or never).
+_KNOWN = "CASE WHEN p.label_ts <= %(cutoff)s THEN {} END"
 
 
 def _secs(s: int) -> timedelta:
@@ -69,6 +76,7 @@ def asof_partials(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: int,
     Open windows need one lag equal to ``shift`` (or ``fixed``): the first point that knows
     a label is then its arrival bucket's, whatever its prediction bucket.
     """
+    require_retained(conn, lo_s)
     open_ended = width_s is None
     if open_ended and not fixed and list(lags_s) != [shift_s]:
         raise ValueError("an open window reads one lag, equal to the shift")
@@ -102,8 +110,9 @@ def asof_partials(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: int,
                coalesce(extract(epoch FROM {arrives})::float8, 'NaN') AS known_h,
                f.kind::float8 AS kind, {sums}{seg_col}
         FROM predictions p
-        LEFT JOIN feedback fb ON fb.model_id = p.model_id AND fb.output_id = p.output_id
-                             AND fb.ts <= %(cutoff)s
+        CROSS JOIN LATERAL (SELECT {_KNOWN.format("p.output_id")} AS output_id,
+                                   {_KNOWN.format("p.label")} AS label,
+                                   {_KNOWN.format("p.label_ts")} AS ts) fb
         CROSS JOIN LATERAL (SELECT {bucket} AS b) xb
         CROSS JOIN LATERAL (SELECT CASE WHEN fb.output_id IS NOT NULL THEN {arrival} END AS h0) xa
         CROSS JOIN LATERAL (SELECT CASE WHEN xa.h0 IS NULL THEN NULL {too_late}
@@ -127,6 +136,7 @@ def asof_joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
     (ts_s, score, label, delay_s, segset_id), with feedback of ts > ``cutoff`` left out (label
     and delay NaN), plus ``known_h``: the arrival bucket ceil((f.ts - shift) / res) * res, -inf
     when ``fixed`` (known at every point), NaN without feedback."""
+    require_retained(conn, lo_s)
     params = {"m": model.model_id, "lo": lo_s, "hi": hi_s, "cutoff": cutoff, "res": _secs(res_s),
               "shift": _secs(shift_s), "segs": list(segset_ids) if segset_ids is not None else None}
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
@@ -138,8 +148,10 @@ def asof_joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
                coalesce(date_part('epoch', f.ts - p.ts), 'NaN') AS delay_s,
                CASE WHEN f.output_id IS NULL THEN 'NaN'::float8 ELSE {arrival} END AS known_h,
                p.segset_id::int8
-        FROM predictions p LEFT JOIN feedback f
-          ON f.model_id = p.model_id AND f.output_id = p.output_id AND f.ts <= %(cutoff)s
+        FROM predictions p
+        CROSS JOIN LATERAL (SELECT {_KNOWN.format("p.output_id")} AS output_id,
+                                   {_KNOWN.format("p.label")} AS label,
+                                   {_KNOWN.format("p.label_ts")} AS ts) f
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
         ORDER BY p.ts
     """

@@ -188,10 +188,11 @@ def merge(cur, table: str, model_id: int, delta: pd.DataFrame) -> None:
         """)
 
 
-def replace_all(cur, table: str, model_id: int, records: pd.DataFrame) -> int:
-    """Replace every row of the model in ``table`` by ``records`` (aggregated per key and
-    bin); returns the number of rows written."""
-    cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s", {"m": model_id})
+def replace_all(cur, table: str, model_id: int, records: pd.DataFrame, after: float | None = None) -> int:
+    """Replace every row of the model in ``table`` (with bucket end after ``after``, when
+    given) by ``records`` (aggregated per key and bin); returns the number of rows written."""
+    cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s"
+                " AND (%(a)s::float8 IS NULL OR bucket_end > %(a)s::float8)", {"m": model_id, "a": after})
     total = aggregate(records, ["segset_id", "bucket_end", "bin"])
     total = total[total["n"] != 0]
     seg, bucket, values = _encode(total)

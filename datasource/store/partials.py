@@ -1,7 +1,7 @@
 """The declared partial aggregates and the SQL fragments every rollup query shares.
 
-A partial is a name and an SQL aggregate over joined rows ``p`` (predictions)
-LEFT JOIN ``f`` (feedback); ``%(thr)s`` is the decision threshold (NULL for
+A partial is a name and an SQL aggregate over raw rows: a prediction ``p`` and its label
+``f`` (``f.label``, ``f.ts``; NULL before feedback arrives); ``%(thr)s`` is the decision threshold (NULL for
 regression). The rollup's columns are derived from this declaration
 (``schema.sync_partials``), and its fingerprint decides when the rollup is rebuilt.
 """
@@ -17,7 +17,7 @@ ALL_TIME_S = ROLLUP_BUCKET_S * 10**9  # one bucket holding all time (to year ~38
 EPS = float(np.finfo(np.float64).eps)  # the clipping scikit-learn's log_loss applies
 LOCK_NAMESPACE = 715018
 
-# name -> SQL aggregate over joined rows ``p`` (predictions) LEFT JOIN ``f`` (feedback).
+# name -> SQL aggregate over raw rows ``p`` (a prediction) and ``f`` (its label, or NULLs).
 # %(thr)s is the decision threshold (NULL for regression models).
 PARTIALS: dict[str, str] = {
     "n_pred": "count(*)",
@@ -161,19 +161,24 @@ def select_partials() -> str:
 def cols() -> str:
     return ", ".join(PARTIALS)
 
-JOIN = (
-    "FROM predictions p LEFT JOIN feedback f"
-    " ON f.model_id = p.model_id AND f.output_id = p.output_id"
-)
+# The raw rows: each prediction with its label, which the writers copy onto the prediction
+# row (migration 008), so that no read joins feedback and a window reads only the weekly
+# partitions it overlaps. ``f`` names the row's label as the partials read it (planned as
+# plain columns of ``p``: the lateral subquery is flattened).
+LABEL_OF = "CROSS JOIN LATERAL (SELECT {0}.label, {0}.label_ts AS ts) f"
+RAW_ROWS = f"FROM predictions p {LABEL_OF.format('p')}"
 MINUTE_BUCKET = "(ceil(extract(epoch FROM p.ts) / 60)::bigint * 60)"
-
-
-
 
 
 def raw_bucket(width: int) -> str:
     """SQL: the end of the width-second bucket holding prediction ``p``."""
     return f"(ceil(extract(epoch FROM p.ts) / {width})::bigint * {width})"
+
+
+# Rebuilds and checks cover the rows after the retention horizon (%(after)s, epoch s, NULL:
+# all): the rollup keeps the dropped rows' partials, which no raw row can confirm any more.
+# The horizon is a week boundary, so every bucket after it holds only rows after it.
+RETAINED = "AND (%(after)s::float8 IS NULL OR p.ts > to_timestamp(%(after)s::float8))"
 
 
 def all_contributions(width: int = ROLLUP_BUCKET_S) -> str:
@@ -183,8 +188,8 @@ def all_contributions(width: int = ROLLUP_BUCKET_S) -> str:
     SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
            {bucket} AS bucket_end,
            {select_partials()}
-    {JOIN}
-    WHERE p.model_id = %(m)s
+    {RAW_ROWS}
+    WHERE p.model_id = %(m)s {RETAINED}
     GROUP BY GROUPING SETS (({bucket}, p.segset_id), ({bucket}))
 """
 
@@ -196,7 +201,7 @@ def bin_contributions(width: int = BIN_BASE_S) -> str:
     return f"""
     SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
            {bucket} AS bucket_end, {BIN} AS bin, {sums}
-    {JOIN}
-    WHERE p.model_id = %(m)s
+    {RAW_ROWS}
+    WHERE p.model_id = %(m)s {RETAINED}
     GROUP BY GROUPING SETS (({bucket}, p.segset_id, {BIN}), ({bucket}, {BIN}))
 """

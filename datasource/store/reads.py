@@ -19,8 +19,8 @@ from datasource.store.partials import (
     ALL_TIME_S,
     BIN_TABLES,
     EPS,
-    JOIN,
     PARTIALS,
+    RAW_ROWS,
     ROLLUP_BUCKET_S,
     ROLLUP_TABLES,
     THRESHOLD_FROM_BINS,
@@ -29,6 +29,7 @@ from datasource.store.partials import (
     level_for,
     level_pieces,
 )
+from datasource.store.retention import require_retained
 
 # --------------------------------------------------------------------------- reads for the engine
 
@@ -88,6 +89,7 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
             df = df.merge(above, on=keys, how="outer").fillna(0.0) if not df.empty or not above.empty \
                 else df.assign(**{c: [] for c in from_bins})
     else:
+        require_retained(conn, lo_s)
         bucket = "(ceil(extract(epoch FROM p.ts) / %(g)s)::bigint * %(g)s)"
         seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
         lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
@@ -96,7 +98,7 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
         sql = f"""
             SELECT {bucket} AS bucket_end, {seg_col}
                    {", ".join(f"{PARTIALS[c]} AS {c}" for c in names)}
-            {JOIN}
+            {RAW_ROWS}
             WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
             GROUP BY {group}
         """
@@ -241,9 +243,10 @@ def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
     """Raw joined rows with ts in (lo, hi], sorted by ts: ts_s, score, label, delay_s, segset_id.
 
     ``label`` is NaN where no feedback arrived; ``delay_s`` is feedback time minus
-    prediction time. Streams through COPY, which is several times faster than
+    prediction time (both from the prediction row, which carries its label). Streams through COPY, which is several times faster than
     fetching tuples for the hundreds of thousands of rows a long panel reads.
     """
+    require_retained(conn, lo_s)
     params = {"m": model.model_id, "lo": lo_s, "hi": hi_s,
               "segs": list(segset_ids) if segset_ids is not None else None}
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
@@ -252,7 +255,7 @@ def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
         SELECT date_part('epoch', p.ts) AS ts_s, p.score, coalesce(f.label, 'NaN') AS label,
                coalesce(date_part('epoch', f.ts - p.ts), 'NaN') AS delay_s,
                p.segset_id::int8
-        {JOIN}
+        {RAW_ROWS}
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
         ORDER BY p.ts
     """
@@ -265,6 +268,7 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
 
     Columns ts_s, value (NaN where the feature is missing), segset_id.
     """
+    require_retained(conn, lo_s)
     params = {"m": model.model_id, "lo": lo_s, "hi": hi_s, "f": feature,
               "segs": list(segset_ids) if segset_ids is not None else None}
     value = "p.score" if feature is None else "coalesce((p.features ->> %(f)s)::float8, 'NaN')"

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from datasource.errors import ClientError
 from datasource.records import FeedbackRows, PredictionRows
-from datasource.store import bins
+from datasource.store import bins, retention
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
     BIN,
@@ -27,6 +28,7 @@ from datasource.store.partials import (
     BIN_TABLES,
     COUNT_PARTIALS,
     EPS,
+    LABEL_OF,
     LEVELS,
     LOCK_NAMESPACE,
     MINUTE_BUCKET,
@@ -110,39 +112,41 @@ def _copy_rows(cur, table: str, columns: str, rows: Iterable[Sequence]) -> None:
     cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buf)
 
 
-def _contributions_into_delta(cur, model: Model, sign: int) -> None:
-    """Add sign x the partials of the joined rows whose keys are in ``stage_keys``."""
+def _deltas_from_rows(cur, model: Model) -> None:
+    """The rollup and score-bin deltas of ``delta_rows``: the rows a batch removed (sign -1)
+    and wrote (+1), with their labels. Two aggregates over a temp table of the batch's rows,
+    no join: the raw tables were read once, by the DELETE/UPDATE that produced them."""
+    rows = f"FROM delta_rows p {LABEL_OF.format('p')}"
     cur.execute(
         f"""
         INSERT INTO rollup_delta (segset_id, bucket_end, {cols()})
-        SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
-               {MINUTE_BUCKET},
-               {", ".join(f"%(sign)s * ({expr})" for expr in PARTIALS.values())}
-        FROM stage_keys k
-        JOIN predictions p ON p.model_id = %(m)s AND p.output_id = k.output_id
-        LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = k.output_id
-        GROUP BY GROUPING SETS (({MINUTE_BUCKET}, p.segset_id), ({MINUTE_BUCKET}))
+        SELECT segset_id, bucket_end, {", ".join(f"sum(sign * {c})" for c in PARTIALS)}
+        FROM (
+          SELECT p.sign, CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END
+                           AS segset_id,
+                 {MINUTE_BUCKET} AS bucket_end, {select_partials()}
+          {rows}
+          GROUP BY GROUPING SETS ((p.sign, {MINUTE_BUCKET}, p.segset_id), (p.sign, {MINUTE_BUCKET}))
+        ) c
+        GROUP BY segset_id, bucket_end
         """,
-        {"m": model.model_id, "thr": model.threshold, "eps": EPS, "sign": sign},
-    )
+        {"thr": model.threshold, "eps": EPS})
     if model.is_classifier:
         cur.execute(
             f"""
             INSERT INTO bins_delta (segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
             SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
                    {BIN_BUCKET}, {BIN},
-                   {", ".join(f"%(sign)s * ({expr})" for expr in BIN_PARTIALS.values())}
-            FROM stage_keys k
-            JOIN predictions p ON p.model_id = %(m)s AND p.output_id = k.output_id
-            LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = k.output_id
+                   {", ".join(f"sum(p.sign * ({expr}))" for expr in _per_row(BIN_PARTIALS))}
+            {rows}
             GROUP BY GROUPING SETS (({BIN_BUCKET}, p.segset_id, {BIN}), ({BIN_BUCKET}, {BIN}))
             """,
-            {"m": model.model_id, "edges": BIN_EDGES, "sign": sign},
-        )
+            {"edges": BIN_EDGES})
 
 
 def _begin_write(cur, model: Model) -> int:
-    """Serialize writers of one model (old/new contributions must not interleave)."""
+    """Serialize writers of one model (old/new contributions must not interleave, and the
+    delete-then-insert of a key must not race another writer's: the key's uniqueness)."""
     cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
     cur.execute("SELECT nextval('write_revision')")
     revision = cur.fetchone()[0]
@@ -154,11 +158,14 @@ def _begin_write(cur, model: Model) -> int:
         f"CREATE TEMP TABLE bins_delta (segset_id int, bucket_end bigint, bin int,"
         f" {', '.join(f'{c} double precision' for c in BIN_PARTIALS)}) ON COMMIT DROP"
     )
+    cur.execute("CREATE TEMP TABLE delta_rows (sign int, ts timestamptz, score double precision,"
+                " segset_id int, label double precision, label_ts timestamptz) ON COMMIT DROP")
     return revision
 
 
 def _merge_delta(cur, model: Model, revision: int) -> None:
     """Add the batch's minute deltas to every level of the rollup and of the score bins."""
+    _deltas_from_rows(cur, model)
     sums = ", ".join(
         f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
     )
@@ -184,52 +191,66 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
             bins.merge(cur, BIN_TABLES[width], model.model_id, _to_level(delta, width))
     # Made per batch from the declared partials: a partial added since the connection opened
     # gets its column (the tables are dropped here, and at commit if a statement failed).
-    cur.execute("DROP TABLE rollup_delta, bins_delta")
+    cur.execute("DROP TABLE rollup_delta, bins_delta, delta_rows")
 
 
-def _staged_upsert(cur, model: Model, stage_columns: str, rows: Iterable[Sequence],
-                   upsert_sql: str) -> None:
-    """COPY rows into ``stage``, then: minus the old contributions of their keys, upsert, plus
-    the new ones, merge into the rollup. The per-model lock makes this atomic for readers of
-    the rollup and for other writers."""
-    revision = _begin_write(cur, model)
-    cur.execute(f"CREATE TEMP TABLE stage ({stage_columns}) ON COMMIT DROP")
-    names = ", ".join(c.split()[0] for c in stage_columns.split(","))
-    _copy_rows(cur, "stage", names, rows)
-    cur.execute("CREATE TEMP TABLE stage_keys ON COMMIT DROP AS SELECT output_id FROM stage")
-    # Without statistics on the temp table the planner hash-joins all of predictions for the
-    # delta queries (measured: 1.91 s -> 1.05 s for a 50K batch on a 1M-row table).
-    cur.execute("ANALYZE stage_keys")
-    _contributions_into_delta(cur, model, -1)
-    cur.execute(upsert_sql, {"m": model.model_id})
-    _contributions_into_delta(cur, model, +1)
-    _merge_delta(cur, model, revision)
-    cur.execute("DROP TABLE stage, stage_keys")
+def _refuse_before_horizon(conn, times, what: str) -> None:
+    """A 422 naming the first records whose time is before the retention horizon."""
+    horizon = retention.raw_horizon(conn)
+    if horizon is None:
+        return
+    bad = [i for i, t in enumerate(times) if t < horizon]
+    if bad:
+        raise ClientError(
+            f"{len(bad)} {what} have a time before {horizon.isoformat()}, when retention dropped "
+            "the raw rows (RETENTION); they cannot be stored",
+            [{"index": i, "field": "ts", "message": f"before the retention horizon {horizon.isoformat()}"}
+             for i in bad], status=422)
 
 
 def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     """Upsert validated predictions and keep the rollup equal to the raw rows.
 
     Runs in the caller's transaction; the caller commits (one batch, one transaction).
+    A key is replaced by delete-then-insert (the partitioned table has no unique index; the
+    model's lock makes the pair atomic): the deleted rows give the old contributions, the
+    inserted rows, with their label from feedback, the new ones.
     Returns the number of distinct output ids written (a repeated id: the last wins).
     """
     if not rows.ids:
         return 0
+    _refuse_before_horizon(conn, rows.ts, "predictions")
     segset_ids = _segset_ids(conn, model.model_id, rows.segments)
     last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
     with conn.cursor() as cur:
-        _staged_upsert(
-            cur, model,
-            "output_id text, ts timestamptz, score double precision, segset_id int, features jsonb",
-            ((oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i], rows.features_json[i])
-             for oid, i in last.items()),
+        revision = _begin_write(cur, model)
+        retention.ensure_partitions(cur, "predictions", rows.ts)
+        cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, score double precision,"
+                    " segset_id int, features jsonb) ON COMMIT DROP")
+        _copy_rows(cur, "stage", "output_id, ts, score, segset_id, features",
+                   ((oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i],
+                     rows.features_json[i]) for oid, i in last.items()))
+        # Without statistics on the temp table the planner hash-joins all of predictions
+        # (measured: 1.91 s -> 1.05 s for a 50K batch on a 1M-row table).
+        cur.execute("ANALYZE stage")
+        cur.execute(
             """
-            INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features)
-            SELECT %(m)s, output_id, ts, score, segset_id, features FROM stage
-            ON CONFLICT (model_id, output_id) DO UPDATE SET
-              ts = excluded.ts, score = excluded.score, segset_id = excluded.segset_id,
-              features = excluded.features, written_at = excluded.written_at
-            """)
+            WITH gone AS (
+              DELETE FROM predictions p USING stage s
+              WHERE p.model_id = %(m)s AND p.output_id = s.output_id
+              RETURNING p.ts, p.score, p.segset_id, p.label, p.label_ts)
+            INSERT INTO delta_rows SELECT -1, ts, score, segset_id, label, label_ts FROM gone;
+            WITH put AS (
+              INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features,
+                                       label, label_ts)
+              SELECT %(m)s, s.output_id, s.ts, s.score, s.segset_id, s.features, f.label, f.ts
+              FROM stage s
+              LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = s.output_id
+              RETURNING ts, score, segset_id, label, label_ts)
+            INSERT INTO delta_rows SELECT 1, ts, score, segset_id, label, label_ts FROM put;
+            """, {"m": model.model_id})
+        _merge_delta(cur, model, revision)
+        cur.execute("DROP TABLE stage")
         names = sorted(rows.feature_names)
         if names:
             cur.execute(
@@ -241,13 +262,15 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
 def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
     """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact.
 
-    A label changes only its prediction's label-dependent partials, so the old and the new
-    contribution are read in one pass before the upsert: each staged key joins its
-    prediction once, with its stored label (sign -1, none if absent) and its new one (+1).
+    The label is copied onto its prediction's row: the row before the update gives the old
+    contribution (sign -1), the updated row the new one (+1). A label for a prediction that
+    retention dropped, or with a time before the horizon, is counted (``retention_counts``)
+    and not stored. Returns the number of labels stored.
     """
     if not rows.ids:
         return 0
     last = {oid: i for i, oid in enumerate(rows.ids)}
+    horizon = retention.raw_horizon(conn)
     with conn.cursor() as cur:
         revision = _begin_write(cur, model)
         cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, label double precision)"
@@ -255,61 +278,49 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         _copy_rows(cur, "stage", "output_id, ts, label",
                    ((oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()))
         cur.execute("ANALYZE stage")
-        cur.execute(
-            f"""
-            INSERT INTO rollup_delta (segset_id, bucket_end, {cols()})
-            SELECT segset_id, bucket_end, {", ".join(f"sum(sign * {c})" for c in PARTIALS)}
-            FROM (
-              SELECT f.sign, CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END
-                               AS segset_id,
-                     {MINUTE_BUCKET} AS bucket_end, {select_partials()}
-              FROM stage s
-              JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id
-              CROSS JOIN LATERAL (
-                SELECT -1 AS sign, old.label FROM (SELECT 1) AS one
-                LEFT JOIN feedback old ON old.model_id = %(m)s AND old.output_id = s.output_id
-                UNION ALL
-                SELECT 1, s.label
-              ) f
-              GROUP BY GROUPING SETS ((f.sign, {MINUTE_BUCKET}, p.segset_id),
-                                      (f.sign, {MINUTE_BUCKET}))
-            ) c
-            GROUP BY segset_id, bucket_end
-            """,
-            {"m": model.model_id, "thr": model.threshold, "eps": EPS})
-        if model.is_classifier:
-            _feedback_bins_delta(cur, model)
+        stored = len(last)
+        if horizon is not None:
+            stored -= _drop_late_labels(cur, model, horizon)
+        retention.ensure_partitions(cur, "feedback", [rows.ts[i] for i in last.values()
+                                                      if horizon is None or rows.ts[i] >= horizon])
         cur.execute(
             """
+            INSERT INTO delta_rows
+            SELECT -1, p.ts, p.score, p.segset_id, p.label, p.label_ts
+            FROM stage s JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id;
+            WITH put AS (
+              UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage s
+              WHERE p.model_id = %(m)s AND p.output_id = s.output_id
+              RETURNING p.ts, p.score, p.segset_id, p.label, p.label_ts)
+            INSERT INTO delta_rows SELECT 1, ts, score, segset_id, label, label_ts FROM put;
+            DELETE FROM feedback f USING stage s WHERE f.model_id = %(m)s AND f.output_id = s.output_id;
             INSERT INTO feedback (model_id, output_id, ts, label)
-            SELECT %(m)s, output_id, ts, label FROM stage
-            ON CONFLICT (model_id, output_id) DO UPDATE SET
-              ts = excluded.ts, label = excluded.label, written_at = excluded.written_at
+            SELECT %(m)s, output_id, ts, label FROM stage;
             """, {"m": model.model_id})
         _merge_delta(cur, model, revision)
         cur.execute("DROP TABLE stage")
-    return len(last)
+    return stored
 
 
-def _feedback_bins_delta(cur, model: Model) -> None:
-    """The score-bin deltas of staged labels: minus the stored label's row, plus the new one."""
+def _drop_late_labels(cur, model: Model, horizon) -> int:
+    """Remove from ``stage`` (and count) the labels retention left no place for: those with a
+    time before the horizon (their partition is gone) and those whose prediction was dropped
+    (its key is in ``dropped_keys``, and no retained prediction has it)."""
     cur.execute(
-        f"""
-        INSERT INTO bins_delta (segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
-        SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
-               {BIN_BUCKET}, {BIN},
-               {", ".join(f"sum(f.sign * ({expr}))" for expr in _per_row(BIN_PARTIALS))}
-        FROM stage s
-        JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id
-        CROSS JOIN LATERAL (
-          SELECT -1 AS sign, old.label FROM (SELECT 1) AS one
-          LEFT JOIN feedback old ON old.model_id = %(m)s AND old.output_id = s.output_id
-          UNION ALL
-          SELECT 1, s.label
-        ) f
-        GROUP BY GROUPING SETS (({BIN_BUCKET}, p.segset_id, {BIN}), ({BIN_BUCKET}, {BIN}))
-        """,
-        {"m": model.model_id, "edges": BIN_EDGES})
+        """
+        WITH late AS (
+          DELETE FROM stage s
+          WHERE s.ts < %(h)s
+             OR (EXISTS (SELECT 1 FROM dropped_keys d WHERE d.model_id = %(m)s
+                         AND d.key_hash = hashtextextended(s.output_id, 0))
+                 AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.model_id = %(m)s
+                                 AND p.output_id = s.output_id))
+          RETURNING s.ts)
+        SELECT count(*), max(ts) FROM late
+        """, {"m": model.model_id, "h": horizon})
+    n, last_ts = cur.fetchone()
+    retention.count_late_labels(cur, model.model_id, n, last_ts)
+    return n
 
 
 def _per_row(aggregates: dict[str, str]) -> list[str]:
@@ -334,9 +345,9 @@ def rebuild_rollup(conn, model: Model) -> int:
         cur.execute("SELECT nextval('write_revision')")
         revision = cur.fetchone()[0]
         params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision,
-                  "edges": BIN_EDGES}
+                  "edges": BIN_EDGES, "after": _after(conn)}
         for table in (*ROLLUP_TABLES.values(), *BIN_TABLES.values()):
-            cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s", params)
+            cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s AND {_AFTER}", params)
         cur.execute(
             f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})"
             f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {cols()} FROM ({all_contributions()}) c",
@@ -348,13 +359,25 @@ def rebuild_rollup(conn, model: Model) -> int:
             cur.execute(
                 f"INSERT INTO {ROLLUP_TABLES[width]} (model_id, segset_id, bucket_end, revision, {cols()})"
                 f" SELECT model_id, segset_id, {bucket}, max(revision),"
-                f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s"
+                f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s AND {_AFTER}"
                 f" GROUP BY model_id, segset_id, {bucket}", params)
         if model.is_classifier:
             base = _bin_rows(conn, bin_contributions(), params)
             for width in BIN_LEVELS:  # the coarser bins from the 5-minute bins
-                bins.replace_all(cur, BIN_TABLES[width], model.model_id, _to_level(base, width))
+                bins.replace_all(cur, BIN_TABLES[width], model.model_id, _to_level(base, width),
+                                 after=params["after"])
         return minute_rows
+
+
+# Rebuilds and checks cover the buckets after the retention horizon (the rollup keeps the
+# partials of dropped rows, which no raw row can confirm any more).
+_AFTER = "(%(after)s::float8 IS NULL OR bucket_end > %(after)s::float8)"
+
+
+def _after(conn) -> float | None:
+    """The retention horizon as epoch seconds (None: no raw row was dropped)."""
+    horizon = retention.raw_horizon(conn)
+    return None if horizon is None else horizon.timestamp()
 
 
 def _bin_rows(conn, contributions_sql: str, params: dict):
@@ -375,12 +398,13 @@ def _to_level(records, width: int):
 
 def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
     """Differences between every stored level (rollup and score bins) and a rebuild from raw
-    rows (empty: consistent).
+    rows (empty: consistent), over the buckets after the retention horizon.
 
     Counts must match exactly; float sums within ``rel_tol`` (they are added and
     subtracted in a different order). A missing row equals a row of zeros.
     """
-    params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "edges": BIN_EDGES}
+    params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "edges": BIN_EDGES,
+              "after": _after(conn)}
     diffs = []
     for width in LEVELS:
         diffs += _diff(conn, ROLLUP_TABLES[width], ("segset_id", "bucket_end"), PARTIALS,
@@ -393,7 +417,7 @@ def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
 def _diff_bins(conn, model: Model, width: int, params: dict, rel_tol: float) -> list[dict]:
     """Stored score-bin records of one level against a rebuild (a missing record is zeros)."""
     table = BIN_TABLES[width]
-    stored = bins.read(conn, table, "model_id = %(m)s", {"m": model.model_id})
+    stored = bins.read(conn, table, f"model_id = %(m)s AND {_AFTER}", params)
     rebuilt = _bin_rows(conn, bin_contributions(width), params)
     keys = ["segset_id", "bucket_end", "bin"]
     both = stored.merge(rebuilt, on=keys, how="outer", suffixes=("_s", "_r")).fillna(0.0)
@@ -415,7 +439,7 @@ def _diff(conn, table: str, keys: tuple[str, ...], names, counts, rebuilt_sql: s
             f"""
             SELECT {", ".join(f"coalesce(r.{k}, c.{k})" for k in keys)},
                    {", ".join(f"coalesce(r.{n}, 0), coalesce(c.{n}, 0)" for n in names)}
-            FROM (SELECT * FROM {table} WHERE model_id = %(m)s) r
+            FROM (SELECT * FROM {table} WHERE model_id = %(m)s AND {_AFTER}) r
             FULL JOIN ({rebuilt_sql}) c USING ({", ".join(keys)})
             """,
             params,
