@@ -42,13 +42,21 @@ def database_url() -> str:
 
 
 def empty_database(url: str) -> None:
-    """Remove every model and its rows (the tables without a foreign key are named)."""
+    """Remove every model, its rows and the raw tables' partitions (the tables without a foreign
+    key are named)."""
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
         cur.execute("TRUNCATE rollup, rollup_5m, rollup_1h, rollup_1d, score_bins_5m,"
                     " score_bins_1h, score_bins_1d, model_events, feedback, predictions, segment_sets, models,"
                     " raw_horizon, retention_counts, dropped_keys"
                     " RESTART IDENTITY CASCADE")
+        # and the weekly partitions of the raw tables, so that each test starts with none
+        cur.execute("SELECT string_agg(format('%I', c.relname), ', ') FROM pg_inherits i"
+                    " JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent IN ('predictions'::regclass, 'feedback'::regclass)")
+        parts = cur.fetchone()[0]
+        if parts:
+            cur.execute(f"DROP TABLE {parts}")
     conn.commit()
     conn.close()
 
