@@ -124,29 +124,14 @@ REVOKE EXECUTE ON FUNCTION mlsli_drop_partitions(timestamptz, timestamptz) FROM 
 -- predictions and feedback as partitioned tables, with their rows (and each prediction's label)
 ALTER TABLE predictions RENAME TO predictions_unpartitioned;
 ALTER TABLE feedback RENAME TO feedback_unpartitioned;
-ALTER INDEX predictions_model_ts RENAME TO predictions_unpartitioned_model_ts;
-ALTER TABLE predictions_unpartitioned RENAME CONSTRAINT predictions_pkey TO predictions_unpartitioned_pkey;
-ALTER TABLE feedback_unpartitioned RENAME CONSTRAINT feedback_pkey TO feedback_unpartitioned_pkey;
-
+-- The same columns and defaults (no keys or indexes: those are made after the rows move,
+-- once the old tables and their index names are gone), predictions with its label.
 CREATE TABLE predictions (
-    model_id   int NOT NULL,
-    output_id  text NOT NULL,
-    ts         timestamptz NOT NULL,
-    score      double precision NOT NULL,
-    segset_id  int NOT NULL,
-    features   jsonb NOT NULL DEFAULT '{}',
-    written_at timestamptz NOT NULL DEFAULT now(),
-    label      double precision,      -- the feedback's label, copied at write time
-    label_ts   timestamptz            -- and its time (both NULL: no feedback yet)
+    LIKE predictions_unpartitioned INCLUDING DEFAULTS,
+    label    double precision,      -- the feedback's label, copied at write time
+    label_ts timestamptz            -- and its time (both NULL: no feedback yet)
 ) PARTITION BY RANGE (ts);
-
-CREATE TABLE feedback (
-    model_id   int NOT NULL,
-    output_id  text NOT NULL,
-    ts         timestamptz NOT NULL,
-    label      double precision NOT NULL,
-    written_at timestamptz NOT NULL DEFAULT now()
-) PARTITION BY RANGE (ts);
+CREATE TABLE feedback (LIKE feedback_unpartitioned INCLUDING DEFAULTS) PARTITION BY RANGE (ts);
 
 SELECT mlsli_add_partitions('predictions', array_agg(DISTINCT mlsli_week_start(ts)))
 FROM predictions_unpartitioned HAVING count(*) > 0;
