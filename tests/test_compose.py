@@ -289,7 +289,7 @@ CITUS_STEPS = ("citus-nodes", "citus-distribute")  # one-shot: they serve nothin
 CITUS_SERVERS = SERVERS | set(CITUS_WORKERS)
 CITUS_IMAGE = re.compile(r"citusdata/citus:\d+\.\d+\.\d+")  # an exact release, no floating tag
 PG_DATA = "/var/lib/postgresql/data"
-REFERENCE_TABLES = {"models", "model_events"}
+REFERENCE_TABLES = {"models", "model_events", "raw_horizon"}
 LOCAL_TABLES = {"schema_version", "partial_set"}
 
 
@@ -578,7 +578,9 @@ def test_citus_distribute_sql_places_every_table_once(stub_citus_db):
     assert len({placed[t][2] for t in distributed}) == 1, "one co-location group"
     assert tables - set(placed) == LOCAL_TABLES
     calls = [r[0] for r in query("SELECT call FROM citus_stub.calls ORDER BY n")]
-    assert calls[0] == "reference models" and calls[2] == "distributed predictions default"
+    first_distributed = len(REFERENCE_TABLES)  # models first, then the other reference tables
+    assert calls[0] == "reference models"
+    assert calls[first_distributed] == "distributed predictions default"
     assert calls[-1] == "truncate models"  # the only table that held a row
 
     done = run()  # idempotent: nothing to do the second time
