@@ -15,6 +15,9 @@ server (DATABASE_URL's, else the embedded PostgreSQL under ``.data/bench-pg``):
   (records.py validates every body, as before the msgspec fast path), one with the fast
   path (``datasource.fastparse``); every batch goes to both, alternately.
 
+``--statements K`` prints, per bulk phase, the K SQL statements that took longest (each
+statement of a multi-statement string timed apart) and the Python time left over.
+
 ``--profile N`` then splits the server time of N 1,000-record HTTP batches of each kind,
 in-process through the Flask test client on a fresh database, into body checks, decoding,
 validation, model lookup, segment ids, COPY, the other SQL (upsert, rollup deltas), commit
@@ -39,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
+import psycopg2.extensions
 from tqdm import tqdm
 
 from datasource import db, store
@@ -99,16 +103,65 @@ def _records(data: common.Synthetic) -> tuple[list[dict], list[dict]]:
     return preds, fbs
 
 
-def run_bulk(server: str, data: common.Synthetic, batch: int, check: bool) -> list[dict]:
+class _StatementTimes:
+    """Wall time per SQL statement of the bulk client's connection (``--statements``): a
+    cursor class that times ``execute`` and ``copy_expert``, each statement of a
+    multi-statement string apart. What is left of a phase's time is Python."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        times = self.seconds
+
+        def timed(fn, sql):
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                key = " ".join(sql.split())[:100]
+                times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+        class Cursor(psycopg2.extensions.cursor):
+            def execute(self, sql, params=None):
+                parts = [q for q in sql.split(";\n") if q.strip()] if isinstance(sql, str) else [sql]
+                for q in parts:
+                    timed(lambda q=q: super(Cursor, self).execute(q, params), str(q))
+
+            def copy_expert(self, sql, file, size=8192):
+                return timed(lambda: super(Cursor, self).copy_expert(sql, file, size), sql)
+
+        self.cursor = Cursor
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        self.seconds.clear()
+        return out
+
+
+def _print_statements(label: str, phase: dict, seconds: dict[str, float], top: int) -> None:
+    sql = sum(seconds.values())
+    print(f"\n{label}: {phase['seconds']:.2f} s, of it SQL {sql:.2f} s and Python (validation runs "
+          f"in a thread alongside) {phase['seconds'] - sql:.2f} s; top {top} statements:")
+    for key, s in sorted(seconds.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {s:6.2f} s  {100 * s / phase['seconds']:4.1f} %  {key}")
+
+
+def run_bulk(server: str, data: common.Synthetic, batch: int, check: bool,
+             statements: int = 0) -> list[dict]:
     url = common.fresh_database(server, DB_NAME)
     preds, fbs = _records(data)
+    times = _StatementTimes()
     with Client.local(database_url=url, batch_size=batch) as client:
         client.register_model(common.MODEL)
-        out = [
-            _phase("bulk predictions", lambda k, b: client.write_predictions(common.MODEL, b),
-                   preds, batch),
-            _phase("bulk feedback", lambda k, b: client.write_feedback(common.MODEL, b), fbs, batch),
-        ]
+        if statements:
+            client._t.conn.cursor_factory = times.cursor
+        out, split = [], []
+        for label, write, recs in (("bulk predictions", client.write_predictions, preds),
+                                   ("bulk feedback", client.write_feedback, fbs)):
+            times.take()
+            out.append(_phase(label, lambda k, b, write=write: write(common.MODEL, b), recs, batch))
+            split.append(times.take())
+    for phase, seconds in zip(out, split, strict=True) if statements else ():
+        _print_statements(phase["label"], phase, seconds, statements)
     if check:
         conn = db.connect(url, statement_timeout_ms=0)
         try:
@@ -444,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="split the server time of N 1,000-record batches of each kind by part")
     ap.add_argument("--cprofile", type=int, default=0, metavar="K",
                     help="with --profile: print cProfile's top K functions (fast path)")
+    ap.add_argument("--statements", type=int, default=0, metavar="K",
+                    help="bulk: print the K SQL statements that took longest, per phase")
     ap.add_argument("--no-check", action="store_true", help="skip the rollup consistency check")
     ap.add_argument("--quiet-wait", type=float, default=30.0, metavar="S",
                     help="before each phase wait up to S seconds for other processes to go idle")
@@ -462,7 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     LOAD.start()
     try:
         if not args.skip_bulk:
-            bulk = run_bulk(server, data, args.bulk_batch, check=not args.no_check)
+            bulk = run_bulk(server, data, args.bulk_batch, check=not args.no_check,
+                            statements=args.statements)
             results.extend(_rows(bulk, "bulk total"))
         cpu_rows = []
         if not args.skip_http and args.compare_parse:

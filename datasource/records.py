@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pandas as pd
 
 from datasource.errors import ClientError
 
@@ -80,6 +82,18 @@ def parse_model(body: object) -> ModelSpec:
         threshold=None if threshold is None else float(threshold),
         description=description,
     )
+
+
+def epoch_us(times: Iterable[datetime]) -> np.ndarray:
+    """Aware datetimes (as ``parse_ts`` returns them) as int64 microseconds since the epoch,
+    exactly, in one vectorized pass (one by one they cost seconds per 100K-row batch)."""
+    return pd.to_datetime(list(times), utc=True).as_unit("us").asi8
+
+
+def iso_utc(times: Iterable[datetime]) -> list[str]:
+    """Aware datetimes as ISO-8601 UTC text to the microsecond (for COPY), vectorized."""
+    return np.datetime_as_string(epoch_us(times).astype("datetime64[us]"), unit="us",
+                                 timezone="UTC").tolist()
 
 
 def parse_ts(value: object) -> datetime:

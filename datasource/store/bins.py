@@ -162,7 +162,8 @@ def merge(cur, table: str, model_id: int, delta: pd.DataFrame) -> None:
     if delta.empty:
         return
     keys = delta[["segset_id", "bucket_end"]].drop_duplicates().sort_values(["segset_id", "bucket_end"])
-    params = {"m": model_id, "s": keys["segset_id"].tolist(), "b": keys["bucket_end"].tolist()}
+    # array literals as text: psycopg2 adapts a list element by element (0.6 s per 200K rows)
+    params = {"m": model_id, "s": _array_literal(keys["segset_id"]), "b": _array_literal(keys["bucket_end"])}
     # a join with the keys (an index probe each), not IN (a semi-join the planner hashes
     # against a scan of the model's rows)
     stored = read(cur.connection, table, "t.model_id = %(m)s",
@@ -186,6 +187,11 @@ def merge(cur, table: str, model_id: int, delta: pd.DataFrame) -> None:
         ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET bins = excluded.bins;
         DROP TABLE bins_new
         """)
+
+
+def _array_literal(values: pd.Series) -> str:
+    """Integers as a PostgreSQL array literal ('{1,2,3}')."""
+    return "{" + ",".join(map(str, values.to_numpy(np.int64).tolist())) + "}"
 
 
 def replace_all(cur, table: str, model_id: int, records: pd.DataFrame, after: float | None = None) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from datasource.errors import ClientError
-from datasource.records import FeedbackRows, PredictionRows
+from datasource.records import FeedbackRows, PredictionRows, iso_utc
 from datasource.store import bins, retention
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
@@ -170,13 +170,17 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
         f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
     )
     bin_sums = ", ".join(f"sum({c})::float8" for c in BIN_PARTIALS)
+    as_is = ", ".join(f"{c}::bigint" if c in COUNT_PARTIALS else c for c in PARTIALS)
     for width in LEVELS:
         table, bucket = ROLLUP_TABLES[width], level_bucket("bucket_end", width)
+        # rollup_delta holds one row per minute and segment set: the finest level takes it as
+        # it is (no second aggregate), the coarser ones sum it into their buckets
+        source = (f"{as_is} FROM rollup_delta" if width == LEVELS[0] else
+                  f"{sums} FROM rollup_delta GROUP BY segset_id, {bucket}")
         cur.execute(
             f"""
             INSERT INTO {table} (model_id, segset_id, bucket_end, revision, {cols()})
-            SELECT %(m)s, segset_id, {bucket}, %(rev)s, {sums}
-            FROM rollup_delta GROUP BY segset_id, {bucket}
+            SELECT %(m)s, segset_id, {bucket}, %(rev)s, {source}
             ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
               revision = excluded.revision,
               {", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in PARTIALS)}
@@ -227,9 +231,11 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
         retention.ensure_partitions(cur, "predictions", rows.ts)
         cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, score double precision,"
                     " segset_id int, features jsonb) ON COMMIT DROP")
+        keep = list(last.values())
         _copy_rows(cur, "stage", "output_id, ts, score, segset_id, features",
-                   ((oid, rows.ts[i].isoformat(), repr(rows.scores[i]), segset_ids[i],
-                     rows.features_json[i]) for oid, i in last.items()))
+                   zip(last, iso_utc([rows.ts[i] for i in keep]), [rows.scores[i] for i in keep],
+                       [segset_ids[i] for i in keep], [rows.features_json[i] for i in keep],
+                       strict=True))
         # Without statistics on the temp table the planner hash-joins all of predictions
         # (measured: 1.91 s -> 1.05 s for a 50K batch on a 1M-row table).
         cur.execute("ANALYZE stage")
@@ -275,8 +281,10 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         revision = _begin_write(cur, model)
         cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, label double precision)"
                     " ON COMMIT DROP")
+        keep = list(last.values())
         _copy_rows(cur, "stage", "output_id, ts, label",
-                   ((oid, rows.ts[i].isoformat(), repr(rows.labels[i])) for oid, i in last.items()))
+                   zip(last, iso_utc([rows.ts[i] for i in keep]), [rows.labels[i] for i in keep],
+                       strict=True))
         cur.execute("ANALYZE stage")
         stored = len(last)
         if horizon is not None:
