@@ -11,13 +11,15 @@ refused with its index.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from datasource import db, store
+from datasource import db, records, store
+from datasource.errors import ClientError
 from datasource.store import retention
 
 DAY_MS = 86_400_000
@@ -152,3 +154,53 @@ def test_a_batch_may_not_open_partitions_without_bound(http):
     assert r.status_code == 422 and "64" in r.get_json()["message"], r.get_json()
     r = http.post("/api/v1/predictions", json={"model": "m", "records": recs[:60]})
     assert r.status_code == 200, r.get_json()
+
+
+def test_retention_and_writers_take_turns_at_the_horizon(loaded, clean_db):
+    """The race the horizon lock closes: a writer that passed the horizon check must not find
+    its week dropped before it commits (a 500: no partition for the row). Retention waits for a
+    writer in flight; a writer that starts while retention drops waits, then is judged against
+    the new horizon (a 422 naming the record, nothing written)."""
+    writer, dropper = db.connect(clean_db), db.connect(clean_db)
+    model = store.get_model(writer, "m")
+
+    def one(ms: int):
+        return records.parse_predictions([{"id": f"r{ms}", "ts": ms, "score": 0.4}], model.task, 1)
+
+    def in_thread(fn):
+        out: dict = {}
+
+        def run():
+            try:
+                out["value"] = fn()
+            except Exception as e:  # noqa: BLE001 - handed to the test thread
+                out["error"] = e
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t, out
+
+    # a writer in flight (week 2, after the coming horizon), then retention: it waits
+    assert store.write_predictions(writer, model, one(W0_MS + 15 * DAY_MS)) == 1
+    t, out = in_thread(lambda: store.apply_retention(dropper, 7, now=W0 + timedelta(days=21)))
+    t.join(1.0)
+    assert t.is_alive(), "retention dropped partitions under an uncommitted write"
+    writer.commit()
+    t.join(30)
+    assert out == {"value": 4}
+
+    # retention holds the lock (mid-drop); a writer of week 3 (after today's horizon, before
+    # the next one) waits, then sees the new horizon
+    with dropper.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", retention.HORIZON_LOCK)
+    t, out = in_thread(lambda: store.write_predictions(writer, model, one(W0_MS + 16 * DAY_MS)))
+    t.join(1.0)
+    assert t.is_alive(), "a writer passed the horizon check while retention held the lock"
+    assert store.apply_retention(dropper, 7, now=W0 + timedelta(days=28)) == 2  # commits
+    t.join(30)
+    assert isinstance(out.get("error"), ClientError) and out["error"].status == 422, out
+    assert out["error"].errors[0]["index"] == 0
+    writer.rollback()
+    assert store.raw_horizon(writer) == W0 + timedelta(days=21)
+    assert store.table_counts(writer, model)["predictions"] == int((loaded["ts"] >= W0_MS + 21 * DAY_MS).sum())
+    writer.close()
+    dropper.close()

@@ -20,6 +20,7 @@ import numpy as np
 
 from datasource.errors import ClientError
 from datasource.records import epoch_us
+from datasource.store.partials import LOCK_NAMESPACE
 
 WEEK_DAYS = 7
 EPOCH_DAY = date(1970, 1, 1)
@@ -62,6 +63,20 @@ def raw_horizon(conn) -> datetime | None:
         cur.execute("SELECT horizon FROM raw_horizon WHERE id = 1")
         row = cur.fetchone()
     return row[0] if row else None
+
+
+# Writers hold this advisory lock shared from before they read the horizon to their commit,
+# retention holds it exclusively while it drops: a batch cannot pass the horizon check and
+# then find its week dropped (the insert would fail with no partition for the row: a 500).
+# Retention takes it before any table lock and writers before theirs, so they cannot deadlock.
+HORIZON_LOCK = (LOCK_NAMESPACE, -2)
+
+
+def hold_horizon(conn) -> datetime | None:
+    """Take the horizon lock shared for this transaction, then read the horizon."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", HORIZON_LOCK)
+    return raw_horizon(conn)
 
 
 def require_retained(conn, lo_s: float | None) -> None:
@@ -108,6 +123,7 @@ def apply_retention(conn, days: int, now: datetime | None = None) -> int:
             cur.execute("SELECT now()")
             now = cur.fetchone()[0]
         cutoff = now - timedelta(days=days)
+        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", HORIZON_LOCK)  # writers finish first
         cur.execute("SELECT mlsli_drop_partitions(%(c)s, %(k)s)",
                     {"c": cutoff, "k": cutoff - timedelta(days=days)})
         dropped = int(cur.fetchone()[0])

@@ -198,9 +198,8 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
     cur.execute("DROP TABLE rollup_delta, bins_delta, delta_rows")
 
 
-def _refuse_before_horizon(conn, times, what: str) -> None:
+def _refuse_before_horizon(horizon, times, what: str) -> None:
     """A 422 naming the first records whose time is before the retention horizon."""
-    horizon = retention.raw_horizon(conn)
     if horizon is None:
         return
     bad = [i for i, t in enumerate(times) if t < horizon]
@@ -223,7 +222,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     """
     if not rows.ids:
         return 0
-    _refuse_before_horizon(conn, rows.ts, "predictions")
+    _refuse_before_horizon(retention.hold_horizon(conn), rows.ts, "predictions")
     segset_ids = _segset_ids(conn, model.model_id, rows.segments)
     last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
     with conn.cursor() as cur:
@@ -276,7 +275,7 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
     if not rows.ids:
         return 0
     last = {oid: i for i, oid in enumerate(rows.ids)}
-    horizon = retention.raw_horizon(conn)
+    horizon = retention.hold_horizon(conn)
     with conn.cursor() as cur:
         revision = _begin_write(cur, model)
         cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, label double precision)"
@@ -348,12 +347,13 @@ def _per_row(aggregates: dict[str, str]) -> list[str]:
 def rebuild_rollup(conn, model: Model) -> int:
     """Recompute every level of the model's rollup (and its score bins) from raw rows;
     returns the number of minute rollup rows."""
+    after = _after(conn)  # the horizon lock before the model's, in the writers' order
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
         cur.execute("SELECT nextval('write_revision')")
         revision = cur.fetchone()[0]
         params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision,
-                  "edges": BIN_EDGES, "after": _after(conn)}
+                  "edges": BIN_EDGES, "after": after}
         for table in (*ROLLUP_TABLES.values(), *BIN_TABLES.values()):
             cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s AND {_AFTER}", params)
         cur.execute(
@@ -383,8 +383,9 @@ _AFTER = "(%(after)s::float8 IS NULL OR bucket_end > %(after)s::float8)"
 
 
 def _after(conn) -> float | None:
-    """The retention horizon as epoch seconds (None: no raw row was dropped)."""
-    horizon = retention.raw_horizon(conn)
+    """The retention horizon as epoch seconds (None: no raw row was dropped), held for the
+    transaction: a drop meanwhile would take raw rows from under a rebuild's DELETE."""
+    horizon = retention.hold_horizon(conn)
     return None if horizon is None else horizon.timestamp()
 
 
