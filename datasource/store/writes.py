@@ -188,9 +188,9 @@ def _merge_delta(cur, model: Model, revision: int) -> None:
             {"m": model.model_id, "rev": revision},
         )
     if model.is_classifier:
-        delta = _copy_out(cur.connection,
-                          f"SELECT segset_id::int8, bucket_end, bin::int8, {bin_sums} FROM bins_delta"
-                          " GROUP BY segset_id, bucket_end, bin", {}, bins.COLUMNS)
+        delta = _records_of(_copy_out(
+            cur.connection, f"SELECT segset_id::int8, bucket_end, bin::int8, {bin_sums} FROM bins_delta"
+                            " GROUP BY segset_id, bucket_end, bin", {}, bins.COLUMNS))
         for width in BIN_LEVELS:
             bins.merge(cur, BIN_TABLES[width], model.model_id, _to_level(delta, width))
     # Made per batch from the declared partials: a partial added since the connection opened
@@ -370,7 +370,7 @@ def rebuild_rollup(conn, model: Model) -> int:
                 f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s AND {_AFTER}"
                 f" GROUP BY model_id, segset_id, {bucket}", params)
         if model.is_classifier:
-            base = _bin_rows(conn, bin_contributions(), params)
+            base = _records_of(_bin_rows(conn, bin_contributions(), params))
             for width in BIN_LEVELS:  # the coarser bins from the 5-minute bins
                 bins.replace_all(cur, BIN_TABLES[width], model.model_id, _to_level(base, width),
                                  after=params["after"])
@@ -396,13 +396,16 @@ def _bin_rows(conn, contributions_sql: str, params: dict):
                            f" FROM ({contributions_sql}) c", params, bins.COLUMNS)
 
 
-def _to_level(records, width: int):
+def _records_of(frame) -> dict[str, np.ndarray]:
+    """A score-bin DataFrame's columns as arrays (the form bins' writes take)."""
+    return {c: frame[c].to_numpy() for c in bins.COLUMNS}
+
+
+def _to_level(records: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
     """5-minute bin records summed into the buckets of ``width`` (ceil(end / width) * width)."""
     if width == BIN_BASE_S:
         return records
-    out = records.copy()
-    out["bucket_end"] = -(-out["bucket_end"] // width) * width
-    return bins.aggregate(out, ["segset_id", "bucket_end", "bin"])
+    return bins.aggregate({**records, "bucket_end": -(-records["bucket_end"] // width) * width})
 
 
 def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
