@@ -193,17 +193,21 @@ class Synthetic:
     fb_index: np.ndarray  # prediction index of each feedback, in arrival order
     fb_ts_ms: np.ndarray  # int64, sorted ascending
     fb_label: np.ndarray  # 0.0 / 1.0
+    zone: np.ndarray | None = None  # index into zones(k), when the data has a zone segment
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def synthesize(n: int, seed: int) -> Synthetic:
+def synthesize(n: int, seed: int, zones: int = 1) -> Synthetic:
     """``n`` predictions over 30 days from 2020-02-01 with ~80 % labeled, in arrival order.
 
     The score is a calibrated probability at deployment; the true rate drifts down
     over the month (as tips did in spring 2020), so accuracy decays and panels move.
     Delays follow 2 days x Beta(1, 3): mean 12 h, at most 2 days.
+    ``zones`` > 1 adds a third segment, ``zone``, uniform over that many values and drawn
+    from its own generator (the other columns stay those of zones=1): 10 x zones segment
+    sets, to see what more segment sets cost (issue 11).
     """
     rng = np.random.default_rng(seed)
     ts_ms = np.sort(rng.integers(START_S * 1000, END_S * 1000, size=n, endpoint=True))
@@ -219,8 +223,9 @@ def synthesize(n: int, seed: int) -> Synthetic:
     fb_ts = ts_ms[labeled] + np.maximum(delay_ms, 1)
     order = np.argsort(fb_ts, kind="stable")
     ids = np.char.add(f"s{seed}-", np.arange(n).astype(str))
+    zone = np.random.default_rng([seed, zones]).integers(0, zones, size=n) if zones > 1 else None
     return Synthetic(ids, ts_ms, score, borough, vendor, labeled[order], fb_ts[order],
-                     label[labeled][order])
+                     label[labeled][order], zone)
 
 
 _SEGMENTS = [[{"borough": b, "vendor": v} for v in VENDORS] for b in BOROUGHS]
@@ -234,10 +239,14 @@ def _datetimes(ms: np.ndarray) -> list[datetime]:
 def prediction_records(d: Synthetic, lo: int, hi: int) -> list[dict]:
     """Predictions lo..hi-1 as client records (``ts`` as aware UTC datetimes)."""
     ts = _datetimes(d.ts_ms[lo:hi])
-    return [{"id": oid, "ts": t.replace(tzinfo=UTC), "score": s, "segments": _SEGMENTS[b][v]}
-            for oid, t, s, b, v in zip(d.ids[lo:hi].tolist(), ts, d.score[lo:hi].tolist(),
-                                       d.borough[lo:hi].tolist(), d.vendor[lo:hi].tolist(),
-                                       strict=True)]
+    out = [{"id": oid, "ts": t.replace(tzinfo=UTC), "score": s, "segments": _SEGMENTS[b][v]}
+           for oid, t, s, b, v in zip(d.ids[lo:hi].tolist(), ts, d.score[lo:hi].tolist(),
+                                      d.borough[lo:hi].tolist(), d.vendor[lo:hi].tolist(),
+                                      strict=True)]
+    if d.zone is not None:
+        for rec, z in zip(out, d.zone[lo:hi].tolist(), strict=True):
+            rec["segments"] = {**rec["segments"], "zone": f"z{z}"}
+    return out
 
 
 def feedback_records(d: Synthetic, lo: int, hi: int) -> list[dict]:
@@ -252,7 +261,8 @@ def describe_data(d: Synthetic) -> str:
     return (f"{len(d):,} predictions {START:%Y-%m-%d} + {SPAN_DAYS} days, "
             f"{len(d.fb_index):,} feedback ({len(d.fb_index) / max(len(d), 1):.0%}), "
             f"delay <= 2 days (mean {np.mean(d.fb_ts_ms - d.ts_ms[d.fb_index]) / 3.6e6:.1f} h), "
-            f"{len(BOROUGHS)} boroughs x {len(VENDORS)} vendors")
+            f"{len(BOROUGHS)} boroughs x {len(VENDORS)} vendors"
+            + ("" if d.zone is None else f" x {int(d.zone.max()) + 1} zones"))
 
 
 # --------------------------------------------------------------------------- gunicorn

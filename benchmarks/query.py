@@ -62,15 +62,16 @@ DASHBOARD_METRICS = ("accuracy", "precision", "recall", "f1", "label_coverage",
 # --------------------------------------------------------------------------- the data
 
 
-def _tag(n: int, seed: int) -> str:
-    return f"benchmark data v{DATA_VERSION}: seed={seed} predictions={n}"
+def _tag(n: int, seed: int, zones: int = 1) -> str:
+    return f"benchmark data v{DATA_VERSION}: seed={seed} predictions={n}" + (
+        f" zones={zones}" if zones > 1 else "")
 
 
-def _has_data(url: str, n: int, seed: int, n_feedback: int) -> bool:
+def _has_data(url: str, n: int, seed: int, n_feedback: int, zones: int) -> bool:
     conn = db.connect(url)
     try:
         model = store.get_model(conn, common.MODEL)
-        if model is None or model.description != _tag(n, seed):
+        if model is None or model.description != _tag(n, seed, zones):
             return False
         counts = store.table_counts(conn, model)
         return counts["predictions"] == n and counts["feedback"] == n_feedback
@@ -80,16 +81,17 @@ def _has_data(url: str, n: int, seed: int, n_feedback: int) -> bool:
         conn.close()
 
 
-def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool) -> str:
+def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool, zones: int = 1) -> str:
     """The benchmark database's URL, filled with ``data`` unless it already holds it."""
     url = common.with_dbname(server, DB_NAME)
+    tag = _tag(len(data), seed, zones)
     if not refill and common.database_exists(server, DB_NAME) and _has_data(
-            url, len(data), seed, len(data.fb_index)):
-        print(f"reusing database {DB_NAME} ({_tag(len(data), seed)})", flush=True)
+            url, len(data), seed, len(data.fb_index), zones):
+        print(f"reusing database {DB_NAME} ({tag})", flush=True)
         return url
     url = common.fresh_database(server, DB_NAME)
     t0 = time.perf_counter()
-    common.bulk_fill(url, data, _tag(len(data), seed))
+    common.bulk_fill(url, data, tag)
     print(f"filled {DB_NAME} with the bulk client, then VACUUM ANALYZE and CHECKPOINT, in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return url
@@ -674,6 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--predictions", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--zones", type=int, default=1, metavar="K",
+                    help="add a zone segment of K values: 10 x K segment sets (default 1: 10)")
     ap.add_argument("--reps", type=int, default=30, help="timed requests per case")
     ap.add_argument("--cold-reps", type=int, default=8,
                     help="server restarts for the cold roc_auc case (one request each)")
@@ -690,15 +694,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="with --profile: print the N functions with most own time per case")
     args = ap.parse_args(argv)
-    if min(args.predictions, args.reps, args.cold_reps, args.baseline_reps) < 1:
+    if min(args.predictions, args.reps, args.cold_reps, args.baseline_reps, args.zones) < 1:
         ap.error("counts must be positive")
 
     started = time.perf_counter()
     pg_server = common.server_url()
     info = common.machine_of(pg_server)
-    data = common.synthesize(args.predictions, args.seed)
+    data = common.synthesize(args.predictions, args.seed, args.zones)
     print(f"query benchmark: {common.describe_data(data)}; seed {args.seed}", flush=True)
-    url = ensure_data(pg_server, data, args.seed, args.refill)
+    url = ensure_data(pg_server, data, args.seed, args.refill, args.zones)
     del data
     cases = build_cases(args)
     by_key = {c.key: c for c in cases}
