@@ -267,13 +267,14 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     The average rank of each distinct score comes from one ``np.unique`` (the rows below it
     plus half its run): a sliding panel evaluates this on each of ~2,000 windows, where
     scipy's ``rankdata`` took twice as long (267 vs 134 µs at 1,400 rows, measured)."""
-    n_pos = int(np.count_nonzero(y_true == 1))
+    positive = y_true == 1
+    n_pos = int(np.count_nonzero(positive))
     n_neg = len(y_true) - n_pos
     if n_pos == 0 or n_neg == 0:
         return np.nan
     _, run, count = np.unique(y_score, return_inverse=True, return_counts=True)
     mean_rank = np.cumsum(count) - (count - 1) / 2.0  # 1-based, ties averaged
-    return float((mean_rank[run][y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float((mean_rank[run[positive]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
