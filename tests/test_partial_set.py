@@ -6,9 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from datasource import db, store
+from datasource.store import partials
 
 NEW = "n_confident"
 NEW_SQL = "count(*) FILTER (WHERE p.score >= 0.9 OR p.score <= 0.1)"
+
+
+def NEW_ROW(r):  # noqa: N802 - the same partial per row, in numpy (what writes keep up to date)
+    return ((r.score >= 0.9) | (r.score <= 0.1)).astype(float)
 
 
 def _write(client, rng, n=600):
@@ -50,9 +55,21 @@ def test_new_partial_is_rebuilt_with_values_on_next_start(client, clean_db, monk
         assert expected > 50 and total == expected and nonzero_rows > 0
         assert sum(per_segset.values()) == expected
         assert store.check_rollup(conn, model) == []
-        # writes after the rebuild keep the new partial up to date
+        # a write needs the partial's per-row form too: without it, refused, nothing written
+        try:
+            client.write_predictions("m", [{"id": "late", "ts": preds[0]["ts"], "score": 0.95}])
+            raise AssertionError("a partial without its per-row form was not kept, yet accepted")
+        except RuntimeError as e:
+            assert "PARTIAL_ROWS" in str(e)
+        # with it, writes after the rebuild keep the new partial up to date
+        monkeypatch.setitem(partials.PARTIAL_ROWS, NEW, NEW_ROW)
         client.write_predictions("m", [{"id": "late", "ts": preds[0]["ts"], "score": 0.95}])
         assert store.check_rollup(conn, model) == []
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT sum({NEW}) FROM rollup WHERE model_id = %s AND segset_id = 0",
+                        (model.model_id,))
+            assert cur.fetchone()[0] == expected + 1
+        conn.rollback()
     finally:
         monkeypatch.undo()
         with conn.cursor() as cur:

@@ -425,12 +425,12 @@ def test_packed_bins_follow_corrections_and_empty_buckets(conn):
 
 
 def test_group_sum_sorts_only_when_needed():
-    from datasource.store import bins
+    from datasource.store.deltas import group_sum
 
     rec = {"a": np.array([1, 1, 2, 2, 2]), "b": np.array([5, 5, 1, 3, 3]), "v": np.arange(5.0)}
-    out = bins.group_sum(rec, ["a", "b"], ["v"])
+    out = group_sum(rec, ["a", "b"], ["v"])
     assert out["a"].tolist() == [1, 2, 2] and out["b"].tolist() == [5, 1, 3]
     assert out["v"].tolist() == [1.0, 2.0, 7.0]
     shuffled = {k: v[[4, 0, 2, 1, 3]] for k, v in rec.items()}
-    again = bins.group_sum(shuffled, ["a", "b"], ["v"])
+    again = group_sum(shuffled, ["a", "b"], ["v"])
     assert {k: v.tolist() for k, v in again.items()} == {k: v.tolist() for k, v in out.items()}

@@ -6,7 +6,6 @@ Binary COPY parsed with numpy for the raw reads (fixed-width rows); only paramet
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -14,7 +13,9 @@ import numpy as np
 import pandas as pd
 
 from datasource.store import bins
+from datasource.store.binary_copy import copy_out
 from datasource.store.catalog import Model
+from datasource.store.deltas import group_sum
 from datasource.store.partials import (
     ALL_TIME_S,
     BIN_TABLES,
@@ -82,7 +83,7 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
             keys = ["segset_id", "bucket_end"] if by_segset else ["bucket_end"]
             records = _bin_union(conn, params, segset_ids, by_segset)
             above = records["bin"] >= k
-            sums = bins.group_sum({**{c: records[c] for c in keys},
+            sums = group_sum({**{c: records[c] for c in keys},
                                    **{c: np.where(above, records[THRESHOLD_FROM_BINS[c]], 0.0)
                                       for c in from_bins}}, keys, from_bins)
             above = pd.DataFrame(sums, columns=keys + from_bins)
@@ -284,24 +285,10 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
 
 
 def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
-    """Run a parameterised SELECT of non-null 8-byte columns (int8 for INT8_COLUMNS, else float8)
-    through binary COPY and read it with numpy: every row has the same layout, so no
-    text is parsed (several times faster than tuples or CSV for a long panel's rows)."""
-    with conn.cursor() as cur:
-        query = cur.mogrify(sql, params).decode()
-        buf = io.BytesIO()
-        cur.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT binary)", buf)
-    data = buf.getvalue()
-    header = 11 + 4 + 4 + int.from_bytes(data[15:19], "big")  # signature, flags, extension
-    fields = [("count", ">i2")]
-    for k, name in enumerate(names):
-        kind = ">i8" if name in INT8_COLUMNS else ">f8"
-        fields += [(f"len{k}", ">i4"), (name, kind)]
-    row = np.dtype(fields)
-    n = (len(data) - header - 2) // row.itemsize  # the file ends with a -1 trailer
-    rows = np.frombuffer(data, dtype=row, count=n, offset=header)
-    return pd.DataFrame({name: rows[name].astype(np.int64 if name in INT8_COLUMNS else np.float64)
-                         for name in names})
+    """A parameterised SELECT of non-null 8-byte columns (int8 for INT8_COLUMNS, else float8)
+    as a DataFrame, through binary COPY (``binary_copy.copy_out``)."""
+    return pd.DataFrame(copy_out(conn, sql, params,
+                                 {n: "int8" if n in INT8_COLUMNS else "float8" for n in names}))
 
 
 INT8_COLUMNS = frozenset({"segset_id", "bucket_end", "bin", "revision"})  # the rest are float8

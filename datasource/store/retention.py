@@ -13,7 +13,6 @@ only the server's write role may execute: the server owns no table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
@@ -44,13 +43,12 @@ class RawRowsDropped(ClientError):
 
 def week_start(ts: datetime) -> date:
     """The first day of the weekly partition holding ``ts`` (weeks of 7 days from the epoch)."""
-    return week_starts([ts])[0]
+    return week_starts(epoch_us([ts]))[0]
 
 
-def week_starts(times: Iterable[datetime]) -> list[date]:
-    """The distinct ``week_start`` of aware ``times``, ascending (vectorized: a write batch
-    holds up to 50,000 times, which one by one cost ~1 s of Python per 200K rows)."""
-    us = epoch_us(times)
+def week_starts(us: np.ndarray) -> list[date]:
+    """The distinct ``week_start`` of times in µs since the epoch, ascending (vectorized: a
+    write batch holds up to 50,000 times, which one by one cost ~1 s of Python per 200K rows)."""
     if not len(us):
         return []
     week_us = WEEK_DAYS * 86_400 * 10**6
@@ -88,10 +86,11 @@ def require_retained(conn, lo_s: float | None) -> None:
         raise RawRowsDropped(lo, horizon)
 
 
-def ensure_partitions(cur, table: str, times: Iterable[datetime]) -> int:
-    """Create the weekly partitions of ``table`` that rows at ``times`` need (in the caller's
-    transaction); returns how many were made. More than MAX_NEW_PARTITIONS at once: a 422."""
-    weeks = week_starts(times)
+def ensure_partitions(cur, table: str, us: np.ndarray) -> int:
+    """Create the weekly partitions of ``table`` that rows at times ``us`` (µs since the
+    epoch) need, in the caller's transaction; returns how many were made. More than
+    MAX_NEW_PARTITIONS at once: a 422."""
+    weeks = week_starts(us)
     if not weeks:
         return 0
     cur.execute(

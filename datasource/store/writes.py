@@ -15,11 +15,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from datasource.errors import ClientError
-from datasource.records import FeedbackRows, PredictionRows, iso_utc
-from datasource.store import bins, retention
+from datasource.records import FeedbackRows, PredictionRows, epoch_us, iso_utc
+from datasource.store import binary_copy, bins, deltas, retention
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
-    BIN,
     BIN_BASE_S,
     BIN_COUNTS,
     BIN_EDGES,
@@ -28,10 +27,8 @@ from datasource.store.partials import (
     BIN_TABLES,
     COUNT_PARTIALS,
     EPS,
-    LABEL_OF,
     LEVELS,
     LOCK_NAMESPACE,
-    MINUTE_BUCKET,
     PARTIALS,
     ROLLUP_TABLES,
     all_contributions,
@@ -40,13 +37,10 @@ from datasource.store.partials import (
     level_bucket,
     partial_type,
     partials_fingerprint,
-    raw_bucket,
-    select_partials,
 )
 from datasource.store.reads import _copy_out
 
 log = logging.getLogger(__name__)
-BIN_BUCKET = raw_bucket(BIN_BASE_S)  # the score bins' delta is kept at their finest level
 
 
 
@@ -112,90 +106,45 @@ def _copy_rows(cur, table: str, columns: str, rows: Iterable[Sequence]) -> None:
     cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buf)
 
 
-def _deltas_from_rows(cur, model: Model) -> None:
-    """The rollup and score-bin deltas of ``delta_rows``: the rows a batch removed (sign -1)
-    and wrote (+1), with their labels. Two aggregates over a temp table of the batch's rows,
-    no join: the raw tables were read once, by the DELETE/UPDATE that produced them."""
-    rows = f"FROM delta_rows p {LABEL_OF.format('p')}"
-    cur.execute(
-        f"""
-        INSERT INTO rollup_delta (segset_id, bucket_end, {cols()})
-        SELECT segset_id, bucket_end, {", ".join(f"sum(sign * {c})" for c in PARTIALS)}
-        FROM (
-          SELECT p.sign, CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END
-                           AS segset_id,
-                 {MINUTE_BUCKET} AS bucket_end, {select_partials()}
-          {rows}
-          GROUP BY GROUPING SETS ((p.sign, {MINUTE_BUCKET}, p.segset_id), (p.sign, {MINUTE_BUCKET}))
-        ) c
-        GROUP BY segset_id, bucket_end
-        """,
-        {"thr": model.threshold, "eps": EPS})
-    if model.is_classifier:
-        cur.execute(
-            f"""
-            INSERT INTO bins_delta (segset_id, bucket_end, bin, {", ".join(BIN_PARTIALS)})
-            SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END,
-                   {BIN_BUCKET}, {BIN},
-                   {", ".join(f"sum(p.sign * ({expr}))" for expr in _per_row(BIN_PARTIALS))}
-            {rows}
-            GROUP BY GROUPING SETS (({BIN_BUCKET}, p.segset_id, {BIN}), ({BIN_BUCKET}, {BIN}))
-            """,
-            {"edges": BIN_EDGES})
-
-
 def _begin_write(cur, model: Model) -> int:
     """Serialize writers of one model (old/new contributions must not interleave, and the
     delete-then-insert of a key must not race another writer's: the key's uniqueness)."""
     cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
     cur.execute("SELECT nextval('write_revision')")
-    revision = cur.fetchone()[0]
-    cur.execute(
-        f"CREATE TEMP TABLE rollup_delta (segset_id int, bucket_end bigint,"
-        f" {', '.join(f'{c} double precision' for c in PARTIALS)}) ON COMMIT DROP"
-    )
-    cur.execute(
-        f"CREATE TEMP TABLE bins_delta (segset_id int, bucket_end bigint, bin int,"
-        f" {', '.join(f'{c} double precision' for c in BIN_PARTIALS)}) ON COMMIT DROP"
-    )
-    cur.execute("CREATE TEMP TABLE delta_rows (sign int, ts timestamptz, score double precision,"
-                " segset_id int, label double precision, label_ts timestamptz) ON COMMIT DROP")
-    return revision
+    return cur.fetchone()[0]
 
 
-def _merge_delta(cur, model: Model, revision: int) -> None:
-    """Add the batch's minute deltas to every level of the rollup and of the score bins."""
-    _deltas_from_rows(cur, model)
-    sums = ", ".join(
-        f"sum({c})::bigint" if c in COUNT_PARTIALS else f"sum({c})" for c in PARTIALS
-    )
-    bin_sums = ", ".join(f"sum({c})::float8" for c in BIN_PARTIALS)
-    as_is = ", ".join(f"{c}::bigint" if c in COUNT_PARTIALS else c for c in PARTIALS)
-    for width in LEVELS:
-        table, bucket = ROLLUP_TABLES[width], level_bucket("bucket_end", width)
-        # rollup_delta holds one row per minute and segment set: the finest level takes it as
-        # it is (no second aggregate), the coarser ones sum it into their buckets
-        source = (f"{as_is} FROM rollup_delta" if width == LEVELS[0] else
-                  f"{sums} FROM rollup_delta GROUP BY segset_id, {bucket}")
-        cur.execute(
-            f"""
-            INSERT INTO {table} (model_id, segset_id, bucket_end, revision, {cols()})
-            SELECT %(m)s, segset_id, {bucket}, %(rev)s, {source}
-            ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
-              revision = excluded.revision,
-              {", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in PARTIALS)}
-            """,
-            {"m": model.model_id, "rev": revision},
-        )
+# A raw row's time as µs since the epoch, exactly (extract gives numeric; date_part's float8
+# would round the microseconds of a 2020 time).
+_US = "(extract(epoch FROM {0}) * 1000000)::int8"
+_REPLACED = {"ts_us": "int8", "score": "float8", "segset_id": "int8", "label": "float8"}
+
+
+def _merge_delta(cur, model: Model, revision: int, rows: deltas.BatchRows) -> None:
+    """Add the deltas of a batch's rows to every level of the rollup and of the score bins:
+    summed in numpy (``deltas``), sent by one binary COPY, then one upsert per level."""
+    names = deltas.partial_names()
+    levels = deltas.rollup_levels(rows, model.threshold)
+    table = f"level_delta_{partials_fingerprint()[:12]}"  # its columns follow the declaration
+    binary_copy.staging_table(cur, table, "width int, segset_id int, bucket_end bigint, "
+                              + ", ".join(f"{c} double precision" for c in names))
+    parts = [levels[w] for w in LEVELS]
+    binary_copy.copy_in(cur, table, {
+        "width": ("int4", np.concatenate([np.full(len(p["bucket_end"]), w) for w, p in zip(LEVELS, parts, strict=True)])),
+        "segset_id": ("int4", np.concatenate([p["segset_id"] for p in parts])),
+        "bucket_end": ("int8", np.concatenate([p["bucket_end"] for p in parts])),
+        **{c: ("float8", np.concatenate([p[c] for p in parts])) for c in names}})
+    values = ", ".join(f"{c}::bigint" if c in COUNT_PARTIALS else c for c in names)
+    cur.execute("".join(
+        f"""
+        INSERT INTO {ROLLUP_TABLES[width]} (model_id, segset_id, bucket_end, revision, {", ".join(names)})
+        SELECT %(m)s, segset_id, bucket_end, %(rev)s, {values} FROM {table} WHERE width = {int(width)}
+        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
+          revision = excluded.revision,
+          {", ".join(f"{c} = {ROLLUP_TABLES[width]}.{c} + excluded.{c}" for c in names)};
+        """ for width in LEVELS), {"m": model.model_id, "rev": revision})
     if model.is_classifier:
-        delta = _records_of(_copy_out(
-            cur.connection, f"SELECT segset_id::int8, bucket_end, bin::int8, {bin_sums} FROM bins_delta"
-                            " GROUP BY segset_id, bucket_end, bin", {}, bins.COLUMNS))
-        for width in BIN_LEVELS:
-            bins.merge(cur, BIN_TABLES[width], model.model_id, _to_level(delta, width))
-    # Made per batch from the declared partials: a partial added since the connection opened
-    # gets its column (the tables are dropped here, and at commit if a statement failed).
-    cur.execute("DROP TABLE rollup_delta, bins_delta, delta_rows")
+        bins.merge_levels(cur, BIN_TABLES, model.model_id, deltas.bin_levels(rows))
 
 
 def _refuse_before_horizon(horizon, times, what: str) -> None:
@@ -217,7 +166,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     Runs in the caller's transaction; the caller commits (one batch, one transaction).
     A key is replaced by delete-then-insert (the partitioned table has no unique index; the
     model's lock makes the pair atomic): the deleted rows give the old contributions, the
-    inserted rows, with their label from feedback, the new ones.
+    written rows, with their label from feedback, the new ones.
     Returns the number of distinct output ids written (a repeated id: the last wins).
     """
     if not rows.ids:
@@ -225,37 +174,44 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     _refuse_before_horizon(retention.hold_horizon(conn), rows.ts, "predictions")
     segset_ids = _segset_ids(conn, model.model_id, rows.segments)
     last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
+    keep = np.fromiter(last.values(), np.int64, len(last))
+    us = epoch_us(rows.ts)[keep]
+    scores = np.asarray(rows.scores, np.float64)[keep]
+    segsets = np.asarray(segset_ids, np.int64)[keep]
     with conn.cursor() as cur:
         revision = _begin_write(cur, model)
-        retention.ensure_partitions(cur, "predictions", rows.ts)
-        cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, score double precision,"
-                    " segset_id int, features jsonb) ON COMMIT DROP")
-        keep = list(last.values())
-        _copy_rows(cur, "stage", "output_id, ts, score, segset_id, features",
-                   zip(last, iso_utc([rows.ts[i] for i in keep]), [rows.scores[i] for i in keep],
-                       [segset_ids[i] for i in keep], [rows.features_json[i] for i in keep],
-                       strict=True))
+        retention.ensure_partitions(cur, "predictions", us)
+        binary_copy.staging_table(cur, "stage_predictions", "ord int, output_id text, ts timestamptz,"
+                                  " score double precision, segset_id int, features jsonb,"
+                                  " label double precision, label_ts timestamptz")
+        _copy_rows(cur, "stage_predictions", "ord, output_id, ts, score, segset_id, features",
+                   zip(range(len(keep)), last, iso_utc(us), scores.tolist(), segsets.tolist(),
+                       [rows.features_json[i] for i in keep], strict=True))
         # Without statistics on the temp table the planner hash-joins all of predictions
         # (measured: 1.91 s -> 1.05 s for a 50K batch on a 1M-row table).
-        cur.execute("ANALYZE stage")
+        cur.execute("ANALYZE stage_predictions")
+        params = {"m": model.model_id}
+        replaced = binary_copy.copy_out(
+            conn, f"DELETE FROM predictions p USING stage_predictions s"
+                  f" WHERE p.model_id = %(m)s AND p.output_id = s.output_id"
+                  f" RETURNING {_US.format('p.ts')}, p.score, p.segset_id::int8,"
+                  f" coalesce(p.label, 'NaN')", params, _REPLACED)
+        known = binary_copy.copy_out(  # labels that came before their prediction
+            conn, "UPDATE stage_predictions s SET label = f.label, label_ts = f.ts FROM feedback f"
+                  " WHERE f.model_id = %(m)s AND f.output_id = s.output_id"
+                  " RETURNING s.ord::int8, s.label", params, {"ord": "int8", "label": "float8"})
         cur.execute(
             """
-            WITH gone AS (
-              DELETE FROM predictions p USING stage s
-              WHERE p.model_id = %(m)s AND p.output_id = s.output_id
-              RETURNING p.ts, p.score, p.segset_id, p.label, p.label_ts)
-            INSERT INTO delta_rows SELECT -1, ts, score, segset_id, label, label_ts FROM gone;
-            WITH put AS (
-              INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features,
-                                       label, label_ts)
-              SELECT %(m)s, s.output_id, s.ts, s.score, s.segset_id, s.features, f.label, f.ts
-              FROM stage s
-              LEFT JOIN feedback f ON f.model_id = %(m)s AND f.output_id = s.output_id
-              RETURNING ts, score, segset_id, label, label_ts)
-            INSERT INTO delta_rows SELECT 1, ts, score, segset_id, label, label_ts FROM put;
-            """, {"m": model.model_id})
-        _merge_delta(cur, model, revision)
-        cur.execute("DROP TABLE stage")
+            INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features, label, label_ts)
+            SELECT %(m)s, output_id, ts, score, segset_id, features, label, label_ts
+            FROM stage_predictions
+            """, params)
+        labels = np.full(len(keep), np.nan)
+        labels[known["ord"]] = known["label"]
+        _merge_delta(cur, model, revision, deltas.BatchRows.concat([
+            deltas.BatchRows.of(-1, replaced["ts_us"], replaced["score"], replaced["segset_id"],
+                                replaced["label"]),
+            deltas.BatchRows.of(1, us, scores, segsets, labels)]))
         names = sorted(rows.feature_names)
         if names:
             cur.execute(
@@ -267,56 +223,61 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
 def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
     """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact.
 
-    The label is copied onto its prediction's row: the row before the update gives the old
-    contribution (sign -1), the updated row the new one (+1). A label for a prediction that
-    retention dropped, or with a time before the horizon, is counted (``retention_counts``)
-    and not stored. Returns the number of labels stored.
+    The label is copied onto its prediction's row: the row as it was gives the old
+    contribution (sign -1), the same row with the new label the new one (+1). A label for a
+    prediction that retention dropped, or with a time before the horizon, is counted
+    (``retention_counts``) and not stored. Returns the number of labels stored.
     """
     if not rows.ids:
         return 0
     last = {oid: i for i, oid in enumerate(rows.ids)}
+    keep = np.fromiter(last.values(), np.int64, len(last))
+    us = epoch_us(rows.ts)[keep]
+    labels = np.asarray(rows.labels, np.float64)[keep]
     horizon = retention.hold_horizon(conn)
     with conn.cursor() as cur:
         revision = _begin_write(cur, model)
-        cur.execute("CREATE TEMP TABLE stage (output_id text, ts timestamptz, label double precision)"
-                    " ON COMMIT DROP")
-        keep = list(last.values())
-        _copy_rows(cur, "stage", "output_id, ts, label",
-                   zip(last, iso_utc([rows.ts[i] for i in keep]), [rows.labels[i] for i in keep],
-                       strict=True))
-        cur.execute("ANALYZE stage")
+        binary_copy.staging_table(cur, "stage_feedback", "ord int, output_id text, ts timestamptz,"
+                                  " label double precision")
+        _copy_rows(cur, "stage_feedback", "ord, output_id, ts, label",
+                   zip(range(len(keep)), last, iso_utc(us), labels.tolist(), strict=True))
+        cur.execute("ANALYZE stage_feedback")
         stored = len(last)
         if horizon is not None:
             stored -= _drop_late_labels(cur, model, horizon)
-        retention.ensure_partitions(cur, "feedback", [rows.ts[i] for i in last.values()
-                                                      if horizon is None or rows.ts[i] >= horizon])
+            us_kept = us[us >= int(horizon.timestamp() * 1_000_000)]
+        else:
+            us_kept = us
+        retention.ensure_partitions(cur, "feedback", us_kept)
+        params = {"m": model.model_id}
+        matched = binary_copy.copy_out(  # the labeled predictions as they were
+            conn, f"SELECT s.ord::int8, {_US.format('p.ts')}, p.score, p.segset_id::int8,"
+                  f" coalesce(p.label, 'NaN') FROM stage_feedback s"
+                  f" JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id",
+            params, {"ord": "int8", **_REPLACED})
         cur.execute(
             """
-            INSERT INTO delta_rows
-            SELECT -1, p.ts, p.score, p.segset_id, p.label, p.label_ts
-            FROM stage s JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id;
-            WITH put AS (
-              UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage s
-              WHERE p.model_id = %(m)s AND p.output_id = s.output_id
-              RETURNING p.ts, p.score, p.segset_id, p.label, p.label_ts)
-            INSERT INTO delta_rows SELECT 1, ts, score, segset_id, label, label_ts FROM put;
-            DELETE FROM feedback f USING stage s WHERE f.model_id = %(m)s AND f.output_id = s.output_id;
+            UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage_feedback s
+            WHERE p.model_id = %(m)s AND p.output_id = s.output_id;
+            DELETE FROM feedback f USING stage_feedback s WHERE f.model_id = %(m)s AND f.output_id = s.output_id;
             INSERT INTO feedback (model_id, output_id, ts, label)
-            SELECT %(m)s, output_id, ts, label FROM stage;
-            """, {"m": model.model_id})
-        _merge_delta(cur, model, revision)
-        cur.execute("DROP TABLE stage")
+            SELECT %(m)s, output_id, ts, label FROM stage_feedback
+            """, params)
+        old = deltas.BatchRows.of(-1, matched["ts_us"], matched["score"], matched["segset_id"],
+                                  matched["label"])
+        _merge_delta(cur, model, revision, deltas.BatchRows.concat(
+            [old, deltas.BatchRows.of(1, old.ts_us, old.score, old.segset_id, labels[matched["ord"]])]))
     return stored
 
 
 def _drop_late_labels(cur, model: Model, horizon) -> int:
-    """Remove from ``stage`` (and count) the labels retention left no place for: those with a
+    """Remove from ``stage_feedback`` (and count) the labels retention left no place for: those with a
     time before the horizon (their partition is gone) and those whose prediction was dropped
     (its key is in ``dropped_keys``, and no retained prediction has it)."""
     cur.execute(
         """
         WITH late AS (
-          DELETE FROM stage s
+          DELETE FROM stage_feedback s
           WHERE s.ts < %(h)s
              OR (EXISTS (SELECT 1 FROM dropped_keys d WHERE d.model_id = %(m)s
                          AND d.key_hash = hashtextextended(s.output_id, 0))
@@ -328,20 +289,6 @@ def _drop_late_labels(cur, model: Model, horizon) -> int:
     n, last_ts = cur.fetchone()
     retention.count_late_labels(cur, model.model_id, n, last_ts)
     return n
-
-
-def _per_row(aggregates: dict[str, str]) -> list[str]:
-    """The per-row value whose sum each bin aggregate is (so a signed sum can be taken)."""
-    forms = {
-        "n": "1",
-        "pos": "(f.label = 1)::int",
-        "neg": "(f.label = 0)::int",
-        "sum_score": "p.score",
-        "sum_score_lab": "CASE WHEN f.label IS NOT NULL THEN p.score ELSE 0 END",
-    }
-    if set(forms) != set(aggregates):
-        raise ValueError("every bin partial needs its per-row form")
-    return [f"coalesce({forms[n]}, 0)" for n in aggregates]
 
 
 def rebuild_rollup(conn, model: Model) -> int:
