@@ -259,7 +259,8 @@ def test_level_pieces_tile_the_range_once(seed):
 
 
 def _edit_bins(conn, table, edit, limit=None):
-    """Change stored score-bin records in place (``edit`` gets each row's record array)."""
+    """Change stored score-bin records in place (``edit`` gets each row's record array), and
+    their suffix sums with them."""
     from datasource.store import bins
 
     with conn.cursor() as cur:
@@ -269,8 +270,9 @@ def _edit_bins(conn, table, edit, limit=None):
         for m, s, b, blob in rows:
             rec = np.frombuffer(bytes(blob), dtype=bins.RECORD).copy()
             edit(rec)
-            cur.execute(f"UPDATE {table} SET bins = %s WHERE model_id = %s AND segset_id = %s"
-                        " AND bucket_end = %s", (rec.tobytes(), m, s, b))
+            value = rec.tobytes()  # and the row's threshold sums, as its writer would
+            cur.execute(f"UPDATE {table} SET bins = %s, suffix = %s WHERE model_id = %s"
+                        " AND segset_id = %s AND bucket_end = %s", (value, bins.suffix_of(value), m, s, b))
     assert rows
 
 
@@ -297,7 +299,15 @@ def test_check_rollup_sees_every_level(conn):
                 cur.execute(f"UPDATE {table} SET n_pred = n_pred + 1 WHERE ctid ="
                             f" (SELECT ctid FROM {table} LIMIT 1)")
         diffs = store.check_rollup(conn, model)
-        assert [d["table"] for d in diffs] == [table], table
+        assert {d["table"] for d in diffs} == {table}, table
+        conn.rollback()
+    for table in partials.BIN_TABLES.values():  # the suffix sums alone, the bins intact
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE {table} SET suffix = overlay(suffix PLACING '\\xff'::bytea FROM 110)"
+                        f" WHERE ctid = (SELECT ctid FROM {table} WHERE length(suffix) > 110 LIMIT 1)")
+            assert cur.rowcount == 1
+        diffs = store.check_rollup(conn, model)
+        assert [(d["table"], d["partial"]) for d in diffs] == [(table, "suffix")], table
         conn.rollback()
     with conn.cursor() as cur:
         cur.execute("UPDATE rollup_1d SET tp = tp + 5")
@@ -434,3 +444,27 @@ def test_group_sum_sorts_only_when_needed():
     shuffled = {k: v[[4, 0, 2, 1, 3]] for k, v in rec.items()}
     again = group_sum(shuffled, ["a", "b"], ["v"])
     assert {k: v.tolist() for k, v in again.items()} == {k: v.tolist() for k, v in out.items()}
+
+
+def test_packed_rows_are_stored_inline_uncompressed(conn):
+    """The design's premise (store/bins.py): a read copies each row's bytes as they are. Rows of
+    every bin (over PostgreSQL's 2 KB compression threshold), written through the staging table
+    twice (an insert, then a merge): no value of any level is stored compressed."""
+    from datasource import ingest
+    from datasource.records import parse_predictions
+
+    ingest.register_model(conn, {"name": "m", "threshold": 0.5})
+    model = store.get_model(conn, "m")
+    for part in range(2):
+        preds = [{"id": f"p{part}-{i}", "ts": T0_MS + 1000, "score": (i % 101) / 100,
+                  "segments": {"b": "x"}} for i in range(1010)]
+        store.write_predictions(conn, model, parse_predictions(preds, model.task, 10**6))
+    conn.commit()
+    with conn.cursor() as cur:
+        for table in partials.BIN_TABLES.values():
+            cur.execute(f"SELECT min(octet_length(bins)), count(*) FILTER (WHERE"
+                        f" pg_column_size(bins) < octet_length(bins)"
+                        f" OR pg_column_size(suffix) < octet_length(suffix)) FROM {table}")
+            longest_min, compressed = cur.fetchone()
+            assert longest_min > 2048 and compressed == 0, table
+    assert store.check_rollup(conn, model) == []

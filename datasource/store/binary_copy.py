@@ -20,7 +20,8 @@ _KINDS = {"int4": ">i4", "int8": ">i8", "float8": ">f8"}
 def copy_out(conn, sql: str, params: dict, columns: dict[str, str]) -> dict[str, np.ndarray]:
     """The rows of a parameterised query (a SELECT, or an INSERT/UPDATE/DELETE … RETURNING)
     as arrays, one per column: ``columns`` maps each output column, in order, to its SQL type
-    (int4, int8 or float8; no NULLs). Integers come back as int64, floats as float64."""
+    (int4, int8 or float8; no NULLs), or ``bytesN`` for a bytea of exactly N bytes in every
+    row. Integers come back as int64, floats as float64, bytes as an N-byte void array."""
     with conn.cursor() as cur:
         query = cur.mogrify(sql, params).decode()
         buf = io.BytesIO()
@@ -29,12 +30,17 @@ def copy_out(conn, sql: str, params: dict, columns: dict[str, str]) -> dict[str,
     header = len(_SIGNATURE) + 8 + int.from_bytes(data[15:19], "big")  # flags, extension
     fields = [("count", ">i2")]
     for k, (name, kind) in enumerate(columns.items()):
-        fields += [(f"len{k}", ">i4"), (name, _KINDS[kind])]
+        fields += [(f"len{k}", ">i4"), (name, _field(kind))]
     row = np.dtype(fields)
     n = (len(data) - header - 2) // row.itemsize  # the data ends with a -1 trailer
     rows = np.frombuffer(data, dtype=row, count=n, offset=header)
-    return {name: rows[name].astype(np.float64 if kind == "float8" else np.int64)
+    return {name: rows[name].copy() if kind.startswith("bytes") else
+            rows[name].astype(np.float64 if kind == "float8" else np.int64)
             for name, kind in columns.items()}
+
+
+def _field(kind: str) -> str:
+    return f"V{int(kind[5:])}" if kind.startswith("bytes") else _KINDS[kind]
 
 
 def copy_in(cur, table: str, columns: dict[str, tuple[str, np.ndarray]]) -> None:
@@ -58,12 +64,14 @@ def copy_in(cur, table: str, columns: dict[str, tuple[str, np.ndarray]]) -> None
     cur.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)", buf)
 
 
-def staging_table(cur, name: str, columns: str) -> None:
+def staging_table(cur, name: str, columns: str, options: str = "") -> None:
     """A temporary table the session keeps (emptied at every commit) for a write batch's rows:
     made once per connection, not per batch (creating and dropping five temp tables cost a
     1,000-record batch ~10 ms of catalog writes, measured). ``name`` and ``columns`` are the
     caller's constants; a table whose columns follow a declaration has that declaration's
     digest in its name, so that a changed declaration gets a new table. Empty on return (an
-    earlier batch of the same transaction may have left rows)."""
-    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns}) ON COMMIT DELETE ROWS;"
+    earlier batch of the same transaction may have left rows). ``options``: storage
+    parameters (a WITH clause's contents)."""
+    with_ = f" WITH ({options})" if options else ""
+    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns}){with_} ON COMMIT DELETE ROWS;"
                 f" DELETE FROM {name}")

@@ -25,12 +25,15 @@ import struct
 import numpy as np
 import pandas as pd
 
-from datasource.store.binary_copy import staging_table
+from datasource.store.binary_copy import copy_out, staging_table
 from datasource.store.deltas import group_sum
-from datasource.store.partials import BIN_PARTIALS
+from datasource.store.partials import BIN_PARTIALS, N_BINS, THRESHOLD_FROM_BINS
 
 NAMES = list(BIN_PARTIALS)
 RECORD = np.dtype([("bin", "u1")] + [(c, "<f8") for c in NAMES])  # packed: 41 bytes
+# The bin columns a grid threshold sums over the bins >= k, kept as suffix sums (see _suffixes).
+SUFFIX_NAMES = list(dict.fromkeys(THRESHOLD_FROM_BINS.values()))
+SUFFIX = np.dtype([(c, "<f8") for c in SUFFIX_NAMES])  # 32 bytes
 _ROW = struct.Struct(">hiqiqi")  # a binary COPY row's field count, then 8-byte fields' lengths and values
 KEYS = ["segset_id", "bucket_end", "bin"]
 COLUMNS = [*KEYS, *NAMES]
@@ -86,6 +89,52 @@ def read_records(conn, table: str, where: str, params: dict,
     return _records(np.array(keys, dtype=np.int64).reshape(-1, 3), b"".join(chunks))
 
 
+def threshold_sums(conn, table: str, k: int, where: str, params: dict) -> dict[str, np.ndarray]:
+    """Per row of ``table`` matching ``where`` (ordered by segset_id, bucket_end): segset_id,
+    bucket_end and the sums of SUFFIX_NAMES over the bins >= k, read from the row's suffix
+    record (32 bytes a row: each row returns one record, of zeros where no bin is >= k)."""
+    size = SUFFIX.itemsize
+    columns = {"segset_id": "int8", "bucket_end": "int8", "sums": f"bytes{size}"}
+    rows = copy_out(conn, f"SELECT t.segset_id::int8, t.bucket_end, substring(t.suffix FROM"
+                          f" {N_BINS + 1} + {size} * get_byte(t.suffix, %(k)s) FOR {size})"
+                          f" FROM {table} t WHERE {where} ORDER BY t.segset_id, t.bucket_end",
+                    {**params, "k": int(k)}, columns)
+    sums = rows.pop("sums").view(SUFFIX)
+    return {**rows, **{c: sums[c].astype(np.float64) for c in SUFFIX_NAMES}}
+
+
+def suffix_mismatches(conn, table: str, where: str, params: dict) -> list[tuple[int, int]]:
+    """(segset_id, bucket_end) of the rows matching ``where`` whose stored suffix value is not
+    the one their bins give (``check_rollup``'s look at the threshold sums)."""
+    with conn.cursor() as cur:
+        query = cur.mogrify(f"SELECT t.segset_id::int8, t.bucket_end, t.bins, t.suffix FROM {table} t"
+                            f" WHERE {where} ORDER BY t.segset_id, t.bucket_end", params).decode()
+        buf = io.BytesIO()
+        cur.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT binary)", buf)
+    data = buf.getvalue()
+    off, end = 19 + int.from_bytes(data[15:19], "big"), len(data) - 2
+    keys, values, stored = [], [], []
+    while off < end:  # each row: 4 fields, int8, int8, bytea, bytea
+        _, _, seg, _, bucket, n = _ROW.unpack_from(data, off)
+        off += _ROW.size
+        values.append(data[off:off + n])
+        m = int.from_bytes(data[off + n:off + n + 4], "big")
+        stored.append(data[off + n + 4:off + n + 4 + m])
+        off += n + 4 + m
+        keys.append((seg, bucket))
+    return [key for key, value, suffix in zip(keys, values, stored, strict=True)
+            if suffix_of(value) != suffix]
+
+
+def suffix_of(value: bytes) -> bytes:
+    """The suffix value of one row's bins value (as its writer computes it)."""
+    rec = np.frombuffer(value, dtype=RECORD)
+    if not len(rec):
+        return _EMPTY_SUFFIX
+    records = {"bin": rec["bin"].astype(np.int64), **{c: rec[c].astype(np.float64) for c in NAMES}}
+    return _suffixes(records, np.array([0]), np.array([len(rec)]))[0]
+
+
 def read(conn, table: str, where: str, params: dict, source: str | None = None) -> pd.DataFrame:
     """``read_records`` as a DataFrame."""
     return frame(read_records(conn, table, where, params, source))
@@ -96,11 +145,12 @@ def aggregate(records: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return group_sum(records, KEYS, NAMES)
 
 
-def _encode(records: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    """Rows (segset_id, bucket_end, value) of records sorted by segset, bucket and bin."""
+def _encode(records: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[bytes], list[bytes]]:
+    """Rows (segset_id, bucket_end, bins value, suffix value) of records sorted by segset,
+    bucket and bin."""
     n = len(records["bin"])
     if n == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64), []
+        return np.empty(0, np.int64), np.empty(0, np.int64), [], []
     rec = np.empty(n, dtype=RECORD)
     rec["bin"] = records["bin"]
     for c in NAMES:
@@ -112,26 +162,70 @@ def _encode(records: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, lis
     raw = rec.tobytes()
     size = RECORD.itemsize
     values = [raw[a * size:b * size] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
-    return seg[starts], bucket[starts], values
+    return seg[starts], bucket[starts], values, _suffixes(records, starts, ends)
 
 
-def _copy_in(cur, table: str, model_id: int, seg, bucket, values, width: int | None = None) -> None:
-    """One binary COPY of (model_id, segset_id, bucket_end, bins) rows into ``table``, and
-    the level ``width`` of every row when given (into the staging table ``bins_new``)."""
+_SUFFIX_ROWS = 4096  # rows per dense block (4096 x 101 x 4 float64: 13 MB)
+
+
+def _suffixes(records: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+    """Each row's ``suffix`` value, from its records (sorted by bin): N_BINS header bytes, byte
+    k the number of records with bin < k, then per record the sums of SUFFIX_NAMES over that
+    record's bin and every bin above it, then one record of zeros.
+
+    Why: a panel at a grid threshold k/100 needs, per bucket, only those four sums over the
+    bins >= k; the record that holds them is found by header byte k, so PostgreSQL returns
+    32 bytes per row (``threshold_sums``) instead of the whole list of bins (2.7 KB per
+    5-minute row at 1M predictions, 5.5 MB for a 7-day panel). Each row's sums are a cumsum
+    over its own bins alone, in a fixed order: the same records always give the same bytes
+    (``check_rollup`` compares them exactly)."""
+    out: list[bytes] = []
+    counts = ends - starts
+    zero = bytes(SUFFIX.itemsize)
+    for lo in range(0, len(starts), _SUFFIX_ROWS):
+        hi = min(lo + _SUFFIX_ROWS, len(starts))
+        a, b = int(starts[lo]), int(ends[hi - 1])
+        row = np.repeat(np.arange(hi - lo), counts[lo:hi])
+        bins = np.asarray(records["bin"][a:b], np.int64)
+        dense = np.zeros((hi - lo, N_BINS, len(SUFFIX_NAMES)))
+        for j, c in enumerate(SUFFIX_NAMES):
+            dense[row, bins, j] = records[c][a:b]
+        above = np.cumsum(dense[:, ::-1], axis=1)[:, ::-1]  # above[r, k]: bins >= k
+        present = np.zeros((hi - lo, N_BINS), np.uint8)
+        present[row, bins] = 1
+        header = np.zeros((hi - lo, N_BINS), np.uint8)
+        header[:, 1:] = np.cumsum(present, axis=1)[:, :-1]
+        sums = np.empty(b - a, SUFFIX)
+        for j, c in enumerate(SUFFIX_NAMES):
+            sums[c] = above[row, bins, j]
+        heads, raw, size = header.tobytes(), sums.tobytes(), SUFFIX.itemsize
+        for r in range(hi - lo):
+            x, y = int(starts[lo + r]) - a, int(ends[lo + r]) - a
+            out.append(heads[r * N_BINS:(r + 1) * N_BINS] + raw[x * size:y * size] + zero)
+    return out
+
+
+_EMPTY_SUFFIX = bytes(N_BINS + SUFFIX.itemsize)  # a row with no records: sums of zeros
+
+
+def _copy_in(cur, table: str, model_id: int, seg, bucket, values, suffixes, width: int | None = None) -> None:
+    """One binary COPY of (model_id, segset_id, bucket_end, bins, suffix) rows into ``table``,
+    and the level ``width`` of every row when given (into the staging table ``bins_new``)."""
     fields = [("count", ">i2"), ("l_model", ">i4"), ("model", ">i4"), ("l_seg", ">i4"), ("seg", ">i4"),
               ("l_bucket", ">i4"), ("bucket", ">i8")]
     fields += [("l_width", ">i4"), ("width", ">i4")] if width is not None else []
     head = np.empty(len(values), np.dtype(fields + [("l_bins", ">i4")]))  # all fixed fields at once
-    head["count"] = 4 if width is None else 5
+    head["count"] = 5 if width is None else 6
     head["l_model"], head["model"], head["l_seg"], head["seg"] = 4, model_id, 4, seg
     head["l_bucket"], head["bucket"] = 8, bucket
     if width is not None:
         head["l_width"], head["width"] = 4, width
     head["l_bins"] = [len(v) for v in values]
     raw, size = head.tobytes(), head.dtype.itemsize
-    body = b"".join([part for i, v in enumerate(values) for part in (raw[i * size:(i + 1) * size], v)])
+    body = b"".join([part for i, (v, x) in enumerate(zip(values, suffixes, strict=True))
+                     for part in (raw[i * size:(i + 1) * size], v, len(x).to_bytes(4, "big"), x)])
     buf = io.BytesIO(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0) + body + struct.pack(">h", -1))
-    columns = "model_id, segset_id, bucket_end" + (", width" if width is not None else "") + ", bins"
+    columns = "model_id, segset_id, bucket_end" + (", width" if width is not None else "") + ", bins, suffix"
     cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT binary)", buf)
 
 
@@ -143,24 +237,28 @@ def merge_levels(cur, tables: dict[int, str], model_id: int, deltas: dict[int, d
     On arrays throughout, not DataFrames: an HTTP batch of 1,000 labels merges three levels,
     and pandas' per-call overhead (concat, drop_duplicates, an indicator merge) was most of
     the 57 ms each merge took. The new values of every level go to PostgreSQL in one COPY."""
-    staging_table(cur, "bins_new", "width int, model_id int, segset_id int, bucket_end bigint, bins bytea")
+    # not compressed on the way in (a value compressed here stays compressed in the target
+    # table, whose own STORAGE PLAIN only governs values it compresses itself: every read
+    # would then decompress it)
+    staging_table(cur, "bins_new", "width int, model_id int, segset_id int, bucket_end bigint,"
+                                   " bins bytea, suffix bytea", "toast_tuple_target = 8160")
     written = []
     for width, delta in deltas.items():
         if len(delta["bin"]) == 0:
             continue
-        seg, bucket, values = _merged(cur, tables[width], model_id, delta)
-        _copy_in(cur, "bins_new", model_id, seg, bucket, values, width)
+        _copy_in(cur, "bins_new", model_id, *_merged(cur, tables[width], model_id, delta), width)
         written.append(width)
     cur.execute("".join(
         f"""
-        INSERT INTO {tables[w]} (model_id, segset_id, bucket_end, bins)
-        SELECT model_id, segset_id, bucket_end, bins FROM bins_new WHERE width = {int(w)}
-        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET bins = excluded.bins;
+        INSERT INTO {tables[w]} (model_id, segset_id, bucket_end, bins, suffix)
+        SELECT model_id, segset_id, bucket_end, bins, suffix FROM bins_new WHERE width = {int(w)}
+        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
+          bins = excluded.bins, suffix = excluded.suffix;
         """ for w in written) or "SELECT 1")
 
 
 def _merged(cur, table: str, model_id: int, delta: dict[str, np.ndarray]):
-    """The rows (segset_id, bucket_end, value) that ``delta`` leaves in ``table``."""
+    """The rows (segset_id, bucket_end, bins, suffix) that ``delta`` leaves in ``table``."""
     pair_seg, pair_bucket = _distinct_pairs(delta["segset_id"], delta["bucket_end"])
     # array literals as text: psycopg2 adapts a list element by element (0.6 s per 200K rows)
     params = {"m": model_id, "s": _array_literal(pair_seg), "b": _array_literal(pair_bucket)}
@@ -173,15 +271,16 @@ def _merged(cur, table: str, model_id: int, delta: dict[str, np.ndarray]):
                           f" AND x.bucket_end = k.b LIMIT 1) t")
     total = aggregate(concat([stored, {c: np.asarray(delta[c], stored[c].dtype) for c in COLUMNS}]))
     keep = total["n"] != 0  # an emptied bin leaves no rounding residue behind
-    seg, bucket, values = _encode({c: v[keep] for c, v in total.items()})
+    seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in total.items()})
     # (seg, bucket) pairs are sorted and distinct on both sides: the rows left with no record
     emptied = np.ones(len(pair_seg), bool)
     emptied[np.searchsorted(pair_seg * _PAIR + pair_bucket, seg * _PAIR + bucket)] = False
     if emptied.any():  # every bin of the row emptied: an empty value (no records)
+        gone = int(emptied.sum())
         seg = np.r_[seg, pair_seg[emptied]]
         bucket = np.r_[bucket, pair_bucket[emptied]]
-        values = values + [b""] * int(emptied.sum())
-    return seg, bucket, values
+        values, suffixes = values + [b""] * gone, suffixes + [_EMPTY_SUFFIX] * gone
+    return seg, bucket, values, suffixes
 
 
 _PAIR = 1 << 34  # segset_id * _PAIR + bucket_end orders pairs as (segset_id, bucket_end) do
@@ -207,6 +306,6 @@ def replace_all(cur, table: str, model_id: int, records: dict[str, np.ndarray],
                 " AND (%(a)s::float8 IS NULL OR bucket_end > %(a)s::float8)", {"m": model_id, "a": after})
     total = aggregate(records)
     keep = total["n"] != 0
-    seg, bucket, values = _encode({c: v[keep] for c, v in total.items()})
-    _copy_in(cur, table, model_id, seg, bucket, values)
+    seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in total.items()})
+    _copy_in(cur, table, model_id, seg, bucket, values, suffixes)
     return len(values)

@@ -203,7 +203,7 @@ def partials_fingerprint() -> str:
     text = "\n".join(f"{n}\t{partial_type(n)}\t{PARTIALS[n]}" for n in sorted(PARTIALS))
     text += f"\nlevels {LEVELS}\nbins {BIN_LEVELS} {BIN_EDGES} {BIN}\n"
     text += "\n".join(f"bin {n}\t{BIN_PARTIALS[n]}" for n in BIN_PARTIALS)  # in record order
-    text += "\nbins packed per bucket and segment set (store/bins.py)"
+    text += "\nbins packed per bucket and segment set, with suffix sums (store/bins.py)"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -81,11 +81,10 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
             if k is None:
                 raise ValueError(f"threshold {threshold} is not on the score-bin grid")
             keys = ["segset_id", "bucket_end"] if by_segset else ["bucket_end"]
-            records = _bin_union(conn, params, segset_ids, by_segset)
-            above = records["bin"] >= k
-            sums = group_sum({**{c: records[c] for c in keys},
-                                   **{c: np.where(above, records[THRESHOLD_FROM_BINS[c]], 0.0)
-                                      for c in from_bins}}, keys, from_bins)
+            rows = _bin_union(conn, params, segset_ids, by_segset,
+                              lambda table, where, p: bins.threshold_sums(conn, table, k, where, p))
+            sums = group_sum({**{c: rows[c] for c in keys},
+                              **{c: rows[THRESHOLD_FROM_BINS[c]] for c in from_bins}}, keys, from_bins)
             above = pd.DataFrame(sums, columns=keys + from_bins)
             df = df.merge(above, on=keys, how="outer").fillna(0.0) if not df.empty or not above.empty \
                 else df.assign(**{c: [] for c in from_bins})
@@ -143,17 +142,20 @@ def _seg_where(segset_ids, by_segset: bool) -> str:
         "segset_id <> 0" if segset_ids is None else "segset_id = ANY(%(segs)s)")
 
 
-def _bin_union(conn, params: dict, segset_ids, by_segset: bool) -> dict[str, np.ndarray]:
+def _bin_union(conn, params: dict, segset_ids, by_segset: bool, read=None) -> dict[str, np.ndarray]:
     """The score-bin records over (lo, hi] from the levels ``_pieces`` picks, each bucket end
     rounded up to its g-bucket: segset_id, bucket_end, bin, BIN_PARTIALS. A (g-bucket, [segset,]
-    bin) may repeat (several level buckets or segment sets in one): the callers sum."""
+    bin) may repeat (several level buckets or segment sets in one): the callers sum.
+    ``read(table, where, params)``: what to read of each row (default: its bin records)."""
     g = params["g"]
+    if read is None:
+        def read(table, where, p):
+            return bins.read_records(conn, table, where, p)
     parts = []
     for width, a, b in _pieces(params, tuple(sorted(BIN_TABLES))):
         lower = "" if a is None else "AND bucket_end > %(a)s"
-        part = bins.read_records(conn, BIN_TABLES[width],
-                                 f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
-                                 " AND bucket_end <= %(b)s", {**params, "a": a, "b": b})
+        part = read(BIN_TABLES[width], f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
+                                       " AND bucket_end <= %(b)s", {**params, "a": a, "b": b})
         if width != g:
             part["bucket_end"] = -(-part["bucket_end"] // g) * g
         parts.append(part)

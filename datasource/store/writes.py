@@ -86,7 +86,8 @@ def check_schema(conn) -> None:
     """Fail fast when the rollup does not hold the declared partials (``sync_partials`` not run)."""
     with conn.cursor() as cur:
         missing = {f"{t}.{c}" for t in ROLLUP_TABLES.values() for c in set(PARTIALS) - _rollup_columns(cur, t)}
-        missing |= {f"{t}.bins" for t in BIN_TABLES.values() if "bins" not in _rollup_columns(cur, t)}
+        missing |= {f"{t}.{c}" for t in BIN_TABLES.values() for c in ("bins", "suffix")
+                    if c not in _rollup_columns(cur, t)}
         cur.execute("SELECT fingerprint FROM partial_set WHERE id = 1")
         row = cur.fetchone()
     conn.rollback()
@@ -387,6 +388,9 @@ def _diff_bins(conn, model: Model, width: int, params: dict, rel_tol: float) -> 
         for i in np.flatnonzero(bad):
             diffs.append({**{k: int(both[k].iat[i]) for k in keys}, "level_s": width, "table": table,
                           "partial": name, "stored": float(s[i]), "rebuilt": float(r[i])})
+    for seg, bucket in bins.suffix_mismatches(conn, table, f"model_id = %(m)s AND {_AFTER}", params):
+        diffs.append({"segset_id": seg, "bucket_end": bucket, "level_s": width, "table": table,
+                      "partial": "suffix", "stored": None, "rebuilt": None})
     return diffs
 
 
