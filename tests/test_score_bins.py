@@ -386,8 +386,9 @@ def test_coarse_panels_read_the_coarse_levels(http, database_url):
 
 def test_packed_bins_follow_corrections_and_empty_buckets(conn):
     """The packed rows (store/bins.py) after corrections that move predictions between bins,
-    buckets and segment sets, and empty a bucket entirely: equal to a rebuild, no residue of
-    an emptied bin, and the threshold sums equal numpy's on the final rows."""
+    buckets and segment sets, and empty a bucket entirely: equal to a rebuild with each batch's
+    delta a row of its own, at most MAX_PARTS rows a key; folded, one row a key, no residue of an
+    emptied bin, and the threshold sums equal numpy's on the final rows, before and after."""
     from datasource import ingest
     from datasource.records import parse_feedback, parse_predictions
     from datasource.store import bins
@@ -418,20 +419,34 @@ def test_packed_bins_follow_corrections_and_empty_buckets(conn):
         write(moved)
     ts[first_bucket] = T0_MS + 5 * 3600_000
     write(np.flatnonzero(first_bucket))
+    labels = np.array([f["label"] for f in fbs], float)
+
+    def threshold_sums_equal_numpy():
+        for k in (0, 30, 50, 77, 100):
+            got = store.partials_by_bucket(conn, model, g_s=store.ALL_TIME_S, lo_s=None, hi_s=3_000_000_000,
+                                           segset_ids=None, by_segset=False, threshold=k / 100,
+                                           from_rollup=True)
+            above = scores >= k / 100
+            assert got["n_pred_pos"].sum() == above.sum()
+            assert got["tp"].sum() == (above & (labels == 1)).sum()
+            assert got["fp"].sum() == (above & (labels == 0)).sum()
+            np.testing.assert_allclose(got["sum_score_pos"].sum(), scores[above].sum(), rtol=1e-12)
+
     assert store.check_rollup(conn, model) == []
+    threshold_sums_equal_numpy()
+    with conn.cursor() as cur:
+        for table in partials.BIN_TABLES.values():
+            cur.execute(f"SELECT max(c), count(*) FILTER (WHERE c > 1) FROM (SELECT count(*) c FROM {table}"
+                        " GROUP BY segset_id, bucket_end) x")
+            most, with_deltas = cur.fetchone()
+            assert most <= bins.MAX_PARTS and with_deltas > 0, table
+            assert bins.fold_all(cur, table, model.model_id) > 0
+    assert store.check_rollup(conn, model) == []
+    threshold_sums_equal_numpy()
     stored = bins.read(conn, partials.BIN_TABLES[300], "model_id = %(m)s", {"m": model.model_id})
+    assert not stored.duplicated(["segset_id", "bucket_end", "bin"]).any()  # one row a key
     assert (stored["n"] > 0).all()  # emptied bins leave no record
     assert stored[stored["bucket_end"] < (T0_MS + 3600_000) // 1000].empty  # the emptied hour
-    labels = np.array([f["label"] for f in fbs], float)
-    for k in (0, 30, 50, 77, 100):
-        got = store.partials_by_bucket(conn, model, g_s=store.ALL_TIME_S, lo_s=None, hi_s=3_000_000_000,
-                                       segset_ids=None, by_segset=False, threshold=k / 100,
-                                       from_rollup=True)
-        above = scores >= k / 100
-        assert got["n_pred_pos"].sum() == above.sum()
-        assert got["tp"].sum() == (above & (labels == 1)).sum()
-        assert got["fp"].sum() == (above & (labels == 0)).sum()
-        np.testing.assert_allclose(got["sum_score_pos"].sum(), scores[above].sum(), rtol=1e-12)
 
 
 def test_group_sum_sorts_only_when_needed():
@@ -468,3 +483,35 @@ def test_packed_rows_are_stored_inline_uncompressed(conn):
             longest_min, compressed = cur.fetchone()
             assert longest_min > 2048 and compressed == 0, table
     assert store.check_rollup(conn, model) == []
+
+
+def test_a_key_folds_its_delta_rows_at_max_parts(conn):
+    """Forty label batches on one 5-minute bucket: each adds a delta row, and the writer folds
+    the key's rows into one whenever they reach MAX_PARTS, so a read never sums more; the rows
+    always add up to the raw rows (check_rollup) and to numpy's counts."""
+    from datasource import ingest
+    from datasource.records import parse_feedback, parse_predictions
+    from datasource.store import bins
+
+    ingest.register_model(conn, {"name": "m", "threshold": 0.5})
+    model = store.get_model(conn, "m")
+    scores = np.linspace(0, 1, 40)
+    preds = [{"id": f"p{i}", "ts": T0_MS + 1000 * (i + 1), "score": float(s)} for i, s in enumerate(scores)]
+    store.write_predictions(conn, model, parse_predictions(preds, model.task, 10**6))
+    counts = []
+    for i in range(40):
+        store.write_feedback(conn, model, parse_feedback([{"id": f"p{i}", "ts": T0_MS + 600_000, "label": i % 2}],
+                                                         model.task, 10**6))
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM score_bins_5m WHERE model_id = %s AND segset_id = 0",
+                        (model.model_id,))
+            counts.append(cur.fetchone()[0])
+    # a batch that brings a key to MAX_PARTS rows folds them: after it, one; then growing again
+    folded = counts.index(1)
+    assert max(counts) == counts[folded - 1] == bins.MAX_PARTS - 1 and counts[-1] > 1
+    assert store.check_rollup(conn, model) == []
+    got = store.partials_by_bucket(conn, model, g_s=store.ALL_TIME_S, lo_s=None, hi_s=3_000_000_000,
+                                   segset_ids=None, by_segset=False, threshold=0.3, from_rollup=True)
+    labels = np.arange(40) % 2
+    assert got["tp"].sum() == ((scores >= 0.3) & (labels == 1)).sum()
+    assert got["fp"].sum() == ((scores >= 0.3) & (labels == 0)).sum()

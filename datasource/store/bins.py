@@ -208,16 +208,17 @@ def _suffixes(records: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarr
 _EMPTY_SUFFIX = bytes(N_BINS + SUFFIX.itemsize)  # a row with no records: sums of zeros
 
 
-def _copy_in(cur, table: str, model_id: int, seg, bucket, values, suffixes, width: int | None = None) -> None:
-    """One binary COPY of (model_id, segset_id, bucket_end, bins, suffix) rows into ``table``,
-    and the level ``width`` of every row when given (into the staging table ``bins_new``)."""
+def _copy_in(cur, table: str, model_id: int, seg, bucket, values, suffixes, revision: int,
+             width: int | None = None) -> None:
+    """One binary COPY of (model_id, segset_id, bucket_end, revision, bins, suffix) rows into
+    ``table``, and the level ``width`` of every row when given (into ``bins_new``)."""
     fields = [("count", ">i2"), ("l_model", ">i4"), ("model", ">i4"), ("l_seg", ">i4"), ("seg", ">i4"),
-              ("l_bucket", ">i4"), ("bucket", ">i8")]
+              ("l_bucket", ">i4"), ("bucket", ">i8"), ("l_rev", ">i4"), ("rev", ">i8")]
     fields += [("l_width", ">i4"), ("width", ">i4")] if width is not None else []
     head = np.empty(len(values), np.dtype(fields + [("l_bins", ">i4")]))  # all fixed fields at once
-    head["count"] = 5 if width is None else 6
+    head["count"] = 6 if width is None else 7
     head["l_model"], head["model"], head["l_seg"], head["seg"] = 4, model_id, 4, seg
-    head["l_bucket"], head["bucket"] = 8, bucket
+    head["l_bucket"], head["bucket"], head["l_rev"], head["rev"] = 8, bucket, 8, revision
     if width is not None:
         head["l_width"], head["width"] = 4, width
     head["l_bins"] = [len(v) for v in values]
@@ -225,72 +226,99 @@ def _copy_in(cur, table: str, model_id: int, seg, bucket, values, suffixes, widt
     body = b"".join([part for i, (v, x) in enumerate(zip(values, suffixes, strict=True))
                      for part in (raw[i * size:(i + 1) * size], v, len(x).to_bytes(4, "big"), x)])
     buf = io.BytesIO(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0) + body + struct.pack(">h", -1))
-    columns = "model_id, segset_id, bucket_end" + (", width" if width is not None else "") + ", bins, suffix"
+    columns = ("model_id, segset_id, bucket_end, revision" + (", width" if width is not None else "")
+               + ", bins, suffix")
     cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT binary)", buf)
 
 
-def merge_levels(cur, tables: dict[int, str], model_id: int, deltas: dict[int, dict[str, np.ndarray]]) -> None:
-    """Add each level's ``deltas`` (records: segset_id, bucket_end of that level, bin,
-    BIN_PARTIALS; any order, keys may repeat) to the stored rows of ``tables[width]``. The
-    caller holds the model's write lock.
+MAX_PARTS = 16  # rows a (bucket, segment set) may hold before its writer folds them into one
 
-    On arrays throughout, not DataFrames: an HTTP batch of 1,000 labels merges three levels,
-    and pandas' per-call overhead (concat, drop_duplicates, an indicator merge) was most of
-    the 57 ms each merge took. The new values of every level go to PostgreSQL in one COPY."""
+
+def merge_levels(cur, tables: dict[int, str], model_id: int, deltas: dict[int, dict[str, np.ndarray]],
+                 revision: int) -> None:
+    """Add each level's ``deltas`` (records: segset_id, bucket_end of that level, bin,
+    BIN_PARTIALS, signed; any order, keys may repeat) to ``tables[width]``: one new row per
+    key holding the key's delta, under the batch's ``revision``; then the keys that reached
+    MAX_PARTS rows are folded into one. The caller holds the model's write lock.
+
+    Why rows of deltas: a late label changes one bin of a key whose row holds up to 101 bins
+    and their suffix sums (~5 KB); read, added to and written back whole, a batch of 1,000
+    labels spread over two days rewrote ~1,500 such rows per level. A delta row holds the bins
+    the batch changed, and nothing is read. Reads sum a key's rows as they sum the rows of the
+    levels a bucket spans; at most MAX_PARTS of them."""
     # not compressed on the way in (a value compressed here stays compressed in the target
     # table, whose own STORAGE PLAIN only governs values it compresses itself: every read
     # would then decompress it)
     staging_table(cur, "bins_new", "width int, model_id int, segset_id int, bucket_end bigint,"
-                                   " bins bytea, suffix bytea", "toast_tuple_target = 8160")
-    written = []
+                                   " revision bigint, bins bytea, suffix bytea", "toast_tuple_target = 8160")
+    written = {}
     for width, delta in deltas.items():
-        if len(delta["bin"]) == 0:
-            continue
-        _copy_in(cur, "bins_new", model_id, *_merged(cur, tables[width], model_id, delta), width)
-        written.append(width)
+        total = aggregate(delta)
+        # a label moved between classes leaves n unchanged: a delta keeps every non-zero record
+        changed = np.any([total[c] != 0 for c in NAMES], axis=0) if len(total["bin"]) else np.zeros(0, bool)
+        seg, bucket, values, suffixes = _encode({c: v[changed] for c, v in total.items()})
+        if values:
+            _copy_in(cur, "bins_new", model_id, seg, bucket, values, suffixes, revision, width)
+            written[width] = (seg, bucket)
+    if not written:
+        return
     cur.execute("".join(
         f"""
-        INSERT INTO {tables[w]} (model_id, segset_id, bucket_end, bins, suffix)
-        SELECT model_id, segset_id, bucket_end, bins, suffix FROM bins_new WHERE width = {int(w)}
-        ON CONFLICT (model_id, segset_id, bucket_end) DO UPDATE SET
-          bins = excluded.bins, suffix = excluded.suffix;
-        """ for w in written) or "SELECT 1")
+        INSERT INTO {tables[w]} (model_id, segset_id, bucket_end, revision, bins, suffix)
+        SELECT model_id, segset_id, bucket_end, revision, bins, suffix FROM bins_new WHERE width = {int(w)};
+        """ for w in written))
+    for width, (seg, bucket) in written.items():
+        full = _keys(cur, tables[width], model_id, seg, bucket, f"count(*) >= {MAX_PARTS}")
+        if len(full[0]):
+            fold(cur, tables[width], model_id, *full, revision)
 
 
-def _merged(cur, table: str, model_id: int, delta: dict[str, np.ndarray]):
-    """The rows (segset_id, bucket_end, bins, suffix) that ``delta`` leaves in ``table``."""
-    pair_seg, pair_bucket = _distinct_pairs(delta["segset_id"], delta["bucket_end"])
+def _lateral(table: str, columns: str) -> str:
+    """FROM the keys %(s)s, %(b)s (array literals), each probing ``table``'s primary key: a
+    LATERAL subquery is not flattened into a join, which the planner hashed against a scan of
+    the whole table (measured: 20 ms for 1,500 keys on a 38K-row table, growing with it)."""
+    return (f"unnest(%(s)s::int[], %(b)s::bigint[]) AS k(s, b) CROSS JOIN LATERAL"
+            f" (SELECT {columns} FROM {table} x WHERE x.model_id = %(m)s AND x.segset_id = k.s"
+            f" AND x.bucket_end = k.b OFFSET 0) t")
+
+
+def _key_params(model_id: int, seg: np.ndarray, bucket: np.ndarray) -> dict:
     # array literals as text: psycopg2 adapts a list element by element (0.6 s per 200K rows)
-    params = {"m": model_id, "s": _array_literal(pair_seg), "b": _array_literal(pair_bucket)}
-    # one index probe per key: a LATERAL subquery with LIMIT (a key has at most one row) is
-    # not flattened into a join, which the planner hashed against a scan of the whole table
-    # (measured: 20 ms for 1,500 keys on a 38K-row table, growing with it; probes: 10 ms)
-    stored = read_records(cur.connection, table, "true", params,
-                          f"unnest(%(s)s::int[], %(b)s::bigint[]) AS k(s, b) CROSS JOIN LATERAL"
-                          f" (SELECT * FROM {table} x WHERE x.model_id = %(m)s AND x.segset_id = k.s"
-                          f" AND x.bucket_end = k.b LIMIT 1) t")
-    total = aggregate(concat([stored, {c: np.asarray(delta[c], stored[c].dtype) for c in COLUMNS}]))
-    keep = total["n"] != 0  # an emptied bin leaves no rounding residue behind
-    seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in total.items()})
-    # (seg, bucket) pairs are sorted and distinct on both sides: the rows left with no record
-    emptied = np.ones(len(pair_seg), bool)
-    emptied[np.searchsorted(pair_seg * _PAIR + pair_bucket, seg * _PAIR + bucket)] = False
-    if emptied.any():  # every bin of the row emptied: an empty value (no records)
-        gone = int(emptied.sum())
-        seg = np.r_[seg, pair_seg[emptied]]
-        bucket = np.r_[bucket, pair_bucket[emptied]]
-        values, suffixes = values + [b""] * gone, suffixes + [_EMPTY_SUFFIX] * gone
-    return seg, bucket, values, suffixes
+    return {"m": model_id, "s": _array_literal(seg), "b": _array_literal(bucket)}
 
 
-_PAIR = 1 << 34  # segset_id * _PAIR + bucket_end orders pairs as (segset_id, bucket_end) do
+def _keys(cur, table: str, model_id: int, seg, bucket, having: str) -> tuple[np.ndarray, np.ndarray]:
+    """The keys among (seg, bucket) whose rows satisfy ``having`` (an aggregate over them)."""
+    found = copy_out(cur.connection, f"SELECT k.s::int8, k.b FROM {_lateral(table, 'x.revision')}"
+                                     f" GROUP BY k.s, k.b HAVING {having}",
+                     _key_params(model_id, seg, bucket), {"s": "int8", "b": "int8"})
+    return found["s"], found["b"]
 
 
-def _distinct_pairs(seg: np.ndarray, bucket: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct (segset_id, bucket_end) pairs, sorted (bucket ends, in seconds, stay below
-    2^34 until the year 2514)."""
-    key = np.unique(np.asarray(seg, np.int64) * _PAIR + np.asarray(bucket, np.int64))
-    return key // _PAIR, key % _PAIR
+def fold(cur, table: str, model_id: int, seg: np.ndarray, bucket: np.ndarray, revision: int) -> int:
+    """Replace the rows of each key (seg, bucket) by one holding their sum, without the bins
+    whose count summed to 0 (and the float sums' rounding residue there); a key whose every
+    bin emptied keeps no row. Returns the number of rows removed."""
+    params = _key_params(model_id, seg, bucket)
+    records = aggregate(read_records(cur.connection, table, "true", params, _lateral(table, "x.*")))
+    keep = records["n"] != 0
+    cur.execute(f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT t.ctid FROM"
+                f" {_lateral(table, 'x.ctid')}))", params)
+    removed = cur.rowcount
+    seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in records.items()})
+    _copy_in(cur, table, model_id, seg, bucket, values, suffixes, revision)
+    return removed
+
+
+def fold_all(cur, table: str, model_id: int) -> int:
+    """Fold every key of the model in ``table`` that has more than one row (rows removed)."""
+    found = copy_out(cur.connection, f"SELECT segset_id::int8, bucket_end FROM {table} WHERE model_id = %(m)s"
+                                     " GROUP BY segset_id, bucket_end HAVING count(*) > 1",
+                     {"m": model_id}, {"s": "int8", "b": "int8"})
+    if not len(found["s"]):
+        return 0
+    cur.execute("SELECT nextval('write_revision')")
+    return fold(cur, table, model_id, found["s"], found["b"], cur.fetchone()[0])
 
 
 def _array_literal(values: np.ndarray) -> str:
@@ -307,5 +335,5 @@ def replace_all(cur, table: str, model_id: int, records: dict[str, np.ndarray],
     total = aggregate(records)
     keep = total["n"] != 0
     seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in total.items()})
-    _copy_in(cur, table, model_id, seg, bucket, values, suffixes)
+    _copy_in(cur, table, model_id, seg, bucket, values, suffixes, 0)
     return len(values)

@@ -151,7 +151,7 @@ def _merge_delta(cur, model: Model, revision: int, rows: deltas.BatchRows) -> No
           {", ".join(f"{c} = {ROLLUP_TABLES[width]}.{c} + excluded.{c}" for c in names)};
         """ for width in LEVELS), {"m": model.model_id, "rev": revision})
     if model.is_classifier:
-        bins.merge_levels(cur, BIN_TABLES, model.model_id, deltas.bin_levels(rows))
+        bins.merge_levels(cur, BIN_TABLES, model.model_id, deltas.bin_levels(rows), revision)
 
 
 def _refuse_before_horizon(horizon, times, what: str) -> None:
@@ -385,7 +385,8 @@ def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
 def _diff_bins(conn, model: Model, width: int, params: dict, rel_tol: float) -> list[dict]:
     """Stored score-bin records of one level against a rebuild (a missing record is zeros)."""
     table = BIN_TABLES[width]
-    stored = bins.read(conn, table, f"model_id = %(m)s AND {_AFTER}", params)
+    # a key's rows summed (bins.merge_levels appends each batch's delta as a row of its own)
+    stored = bins.frame(bins.aggregate(bins.read_records(conn, table, f"model_id = %(m)s AND {_AFTER}", params)))
     rebuilt = _bin_rows(conn, bin_contributions(width), params)
     keys = ["segset_id", "bucket_end", "bin"]
     both = stored.merge(rebuilt, on=keys, how="outer", suffixes=("_s", "_r")).fillna(0.0)
