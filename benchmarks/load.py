@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/load.py                         # 1M predictions, 50 readers, 60 s
     .venv/bin/python benchmarks/load.py --predictions 300000 --seconds 30
     .venv/bin/python benchmarks/load.py --refresh 10            # each reader refreshes every 10 s
+    .venv/bin/python benchmarks/load.py --refresh 10 --live     # writes inside the panels' range
     .venv/bin/python benchmarks/load.py --gthread               # gunicorn's own worker (before)
     .venv/bin/python benchmarks/load.py --env READ_CONCURRENCY=1
 
@@ -39,7 +40,10 @@ records, each followed by the ``POST /api/v1/feedback`` batches of 1,000 labels 
 arrived by then, as a pipeline replaying ``common.synthesize`` would. Its predictions are
 for the readers' model but stamped after the panels' range (March 2020: live data arriving
 after the dashboards' "now"), so the panels' numbers stay put while the writer competes with
-them for threads, connections, CPU and the same tables. Rows/s counts both kinds.
+them for threads, connections, CPU and the same tables. ``--live`` puts them in the panels' last
+two days instead, as a model serving while its dashboards are watched: the rows the panels read
+are updated under them (rollup upserts, score-bin parts, labels on raw rows), and each write
+invalidates the cached roc_auc windows it touches. Rows/s counts both kinds.
 
 Phases: a warm-up (every panel on both workers, not measured), the writer alone for
 ``--alone-seconds`` (15: its unloaded rate), then readers and writer for ``--seconds`` (60).
@@ -157,12 +161,26 @@ def store_reference(base: str, seed: int, n: int = 10_000) -> None:
 # --------------------------------------------------------------------------- the writer
 
 
-def writer_data(n: int, seed: int) -> common.Synthetic:
-    """``n`` predictions of the readers' model, 30 days after the benchmark's (March 2020)."""
+LIVE_DAYS = 2  # --live: the writer's predictions fall in the panels' last two days
+
+
+def writer_data(n: int, seed: int, live: bool = False) -> common.Synthetic:
+    """``n`` predictions of the readers' model, 30 days after the benchmark's (March 2020); with
+    ``live``, squeezed into the last LIVE_DAYS days of the panels' range instead (each label
+    keeps its delay after its prediction): the rollup rows, score bins and raw rows the panels
+    read change under them, and their cached raw-metric windows with them."""
     d = common.synthesize(n, seed)
-    shift = common.SPAN_DAYS * common.DAY_S * 1000
     ids = np.char.add("live-", d.ids)
-    return replace(d, ids=ids, ts_ms=d.ts_ms + shift, fb_ts_ms=d.fb_ts_ms + shift)
+    if not live:
+        shift = common.SPAN_DAYS * common.DAY_S * 1000
+        return replace(d, ids=ids, ts_ms=d.ts_ms + shift, fb_ts_ms=d.fb_ts_ms + shift)
+    start_ms, span_ms = common.START_S * 1000, common.SPAN_DAYS * common.DAY_S * 1000
+    end_ms = start_ms + span_ms
+    ts = end_ms - LIVE_DAYS * common.DAY_S * 1000 + (d.ts_ms - start_ms) * LIVE_DAYS // common.SPAN_DAYS
+    fb_ts = ts[d.fb_index] + (d.fb_ts_ms - d.ts_ms[d.fb_index])
+    order = np.argsort(fb_ts, kind="stable")
+    return replace(d, ids=ids, ts_ms=ts, fb_index=d.fb_index[order], fb_ts_ms=fb_ts[order],
+                   fb_label=d.fb_label[order])
 
 
 def _jsonable(o):
@@ -359,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1_000, help="records per writer request")
     ap.add_argument("--writer-predictions", type=int, default=1_500_000,
                     help="predictions the writer has to send (it stops early when they run out)")
+    ap.add_argument("--live", action="store_true",
+                    help="the writer's predictions and labels land in the panels' last two days")
     ap.add_argument("--warmup-rounds", type=int, default=3)
     ap.add_argument("--refill", action="store_true", help="refill query.py's database")
     ap.add_argument("--gthread", action="store_true",
@@ -382,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     url = load_database(pg_server, qb.DB_NAME)
     print(f"copied {qb.DB_NAME} to {DB_NAME} in {time.perf_counter() - t:.1f} s", flush=True)
-    wdata = writer_data(args.writer_predictions, args.seed + 1)
+    wdata = writer_data(args.writer_predictions, args.seed + 1, args.live)
     bodies = panel_bodies()
 
     load = common.OtherLoad().start()
