@@ -11,8 +11,10 @@
 --   * local (on the coordinator only): schema_version, partial_set;
 --   * distributed by model_id, co-located with predictions: every other table of the schema,
 --     each of which must have a model_id column in every primary key and unique constraint
---     (predictions, feedback, segment_sets, model_features, reference_columns, the rollup
---     tables at every level, the score-bin tables at every level, ...).
+--     (predictions and feedback with their weekly partitions, segment_sets, model_features,
+--     reference_columns, the rollup and score-bin tables at every level, retention_counts,
+--     dropped_keys, ...). A weekly partition that mlsli_add_partitions makes later is
+--     distributed by Citus as it is created, because its parent is distributed.
 -- A table that fits none of these stops the script with its name: decide its place here.
 --
 -- The grants that migrate_as_owner gave the server's roles are copied to the shards when a
@@ -76,16 +78,22 @@ END
 $check$;
 
 -- Tables that hold rows before they are distributed (an existing single-server database made the
--- coordinator): their local copy is truncated once every table is a Citus table.
+-- coordinator): their local copy is truncated once every table is a Citus table. A partitioned
+-- table (predictions, feedback) holds its rows in its weekly partitions, so it is read with
+-- them; truncating it truncates them too.
 CREATE TEMP TABLE mlsli_had_rows (rel regclass);
 DO $rows$
 DECLARE
     t regclass;
+    partitioned boolean;
     found_row boolean;
 BEGIN
-    FOR t IN SELECT rel FROM mlsli_placement WHERE placement IN ('reference', 'distributed')
-                                               AND citus_type IS DISTINCT FROM placement LOOP
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', t) INTO found_row;
+    FOR t, partitioned IN
+        SELECT m.rel, c.relkind = 'p' FROM mlsli_placement m JOIN pg_class c ON c.oid = m.rel
+        WHERE m.placement IN ('reference', 'distributed') AND m.citus_type IS DISTINCT FROM m.placement
+    LOOP
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s%s)',
+                       CASE WHEN partitioned THEN '' ELSE 'ONLY ' END, t) INTO found_row;
         IF found_row THEN
             INSERT INTO mlsli_had_rows VALUES (t);
         END IF;
