@@ -302,7 +302,9 @@ def fold(cur, table: str, model_id: int, seg: np.ndarray, bucket: np.ndarray, re
     params = _key_params(model_id, seg, bucket)
     records = aggregate(read_records(cur.connection, table, "true", params, _lateral(table, "x.*")))
     keep = records["n"] != 0
-    cur.execute(f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT t.ctid FROM"
+    # model_id on the target too: on one server it changes nothing; on Citus it prunes the
+    # delete to the model's shard, where the ctids mean something (docs/scaling.md)
+    cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s AND ctid = ANY(ARRAY(SELECT t.ctid FROM"
                 f" {_lateral(table, 'x.ctid')}))", params)
     removed = cur.rowcount
     seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in records.items()})
