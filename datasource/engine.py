@@ -384,7 +384,7 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
     """Evaluate ``evaluate(columns, a, b)`` on each point's slice [a, b) of time-sorted rows.
 
     ``fetch(lo, hi)`` reads the rows with ts in (lo, hi] (lo None: from the
-    start) as a DataFrame with ``ts_s`` and ``segset_id``. Without group_by,
+    start) as a DataFrame with ``ts_s`` (and ``segset_id`` when grouping). Without group_by,
     each point's value is cached with its window's write revision, and only
     the points whose window changed are recomputed (no rows read if none).
     """
@@ -426,9 +426,11 @@ def raw_series(conn, q: Query, points: np.ndarray, step: int,
                deadline: float | None = None) -> list[Series]:
     """Label metrics on each window's joined rows (labeled rows only, unless the metric says)."""
     params = q.param_dict
+    columns = ("score", "label", "delay_s") + (("segset_id",) if q.group_by else ())
 
     def fetch(lo, hi):
-        return store.joined_rows(conn, q.model, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids)
+        return store.joined_rows(conn, q.model, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids,
+                                 columns=columns, labeled_only=q.metric.labeled_only)
 
     def evaluate(cols, a, b):
         y, s, d = cols["label"][a:b], cols["score"][a:b], cols["delay_s"][a:b]
@@ -628,8 +630,8 @@ def _series(conn, q: Query, points: np.ndarray, step: int,
 
 
 def _range_rows(conn, q: Query, from_s: float, to_s: float) -> pd.DataFrame:
-    rows = store.joined_rows(conn, q.model, lo_s=from_s, hi_s=to_s, segset_ids=q.segset_ids)
-    return rows[~rows["label"].isna()]
+    return store.joined_rows(conn, q.model, lo_s=from_s, hi_s=to_s, segset_ids=q.segset_ids,
+                             columns=("score", "label"), labeled_only=True)
 
 
 def confusion_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:
