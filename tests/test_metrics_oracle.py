@@ -299,10 +299,11 @@ def _random_windows(rng, n: int):
     return np.searchsorted(ts, points - width, side="right"), np.searchsorted(ts, points, side="right")
 
 
-def test_windowed_roc_auc_equals_sklearn_on_every_window():
-    """The batch ROC AUC of each window equals scikit-learn's roc_auc_score on that window's rows
-    (NaN with one class or none), over random data with ties and random windows."""
-    from sklearn.metrics import roc_auc_score
+def test_batch_ranking_metrics_equal_sklearn_on_every_window():
+    """The batch ROC AUC and average precision of each window equal scikit-learn's roc_auc_score
+    and average_precision_score on that window's rows (NaN where undefined: one class, or no
+    positive), over random data with ties and random windows."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
     rng = np.random.default_rng(23)
     checked = undefined = 0
@@ -312,9 +313,14 @@ def test_windowed_roc_auc_equals_sklearn_on_every_window():
         label = (rng.random(n) < rng.choice([0.0, 0.05, 0.5, 0.9, 1.0])).astype(np.float64)
         lo, hi = _random_windows(rng, n)
         auc = registry.windowed_roc_auc(label, score, lo, hi)
-        assert auc.shape == lo.shape
+        ap = registry.windowed_average_precision(label, score, lo, hi)
+        assert auc.shape == ap.shape == lo.shape
         for k, (a, b) in enumerate(zip(lo, hi, strict=True)):
             y, s = label[a:b], score[a:b]
+            if y.sum() == 0:
+                assert np.isnan(ap[k]), (trial, k, ap[k])
+            else:
+                assert abs(ap[k] - average_precision_score(y, s)) <= 1e-12, (trial, k, ap[k])
             if len(set(y)) < 2:
                 assert np.isnan(auc[k]), (trial, k, auc[k])
                 undefined += 1
@@ -344,11 +350,11 @@ def _count_batched_windows(monkeypatch, name: str = "roc_auc") -> list[int]:
 ROC_WINDOWS = ["5m", "15m", "1h", "6h", "7m", "90s", "13m", "2h", "1d"]
 
 
-@pytest.mark.parametrize("metric", ["roc_auc"])
+@pytest.mark.parametrize("metric", ["roc_auc", "average_precision"])
 def test_ranking_panels_match_sklearn(http, monkeypatch, metric):
-    """Sliding and tumbling ROC AUC panels (the batch path) at random windows, steps, filters
-    and group-bys: every point equals scikit-learn on the window's labeled rows (data with
-    ties, late, missing and corrected labels)."""
+    """Sliding and tumbling ROC AUC and average precision panels (the batch path) at random
+    windows, steps, filters and group-bys: every point equals scikit-learn on the window's
+    labeled rows (data with ties, late, missing and corrected labels)."""
     calls = _count_batched_windows(monkeypatch, metric)
     rng = np.random.default_rng(29)
     truth = _load(http, rng, "binary_classification", threshold=0.5)
