@@ -148,6 +148,17 @@ def machine(conn) -> dict[str, str]:
             cur.execute(f"SHOW {name}")
             settings.append(f"{name}={cur.fetchone()[0]}")
     conn.rollback()
+    info = {}
+    for key, value in host().items():
+        info[key] = value
+        if key == "Python":
+            info["PostgreSQL"] = (f"{pg} ({'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded'}; "
+                                  f"{', '.join(settings)})")
+    return info
+
+
+def host() -> dict[str, str]:
+    """The machine and code without the database (for benchmarks that run no SQL)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
@@ -156,8 +167,6 @@ def machine(conn) -> dict[str, str]:
         "CPU": _cpu_model(),
         "OS": f"{platform.system()} {platform.release()}",
         "Python": platform.python_version(),
-        "PostgreSQL": f"{pg} ({'DATABASE_URL' if os.environ.get('DATABASE_URL') else 'embedded'}; "
-                      f"{', '.join(settings)})",
         "load average at start": " ".join(f"{x:.2f}" for x in load),
         "code": _git_state(),
     }

@@ -7,7 +7,8 @@ prefix-summed, and each point's window is a difference of two prefix sums:
 O(buckets) whatever the number of predictions.
 
 Raw metrics: the joined rows of the whole span are read once, each point's
-window is a slice found by binary search, and the function runs on it. A
+window is a slice found by binary search, and the function runs on it (or, where
+the metric declares ``windows``, on all the slices at once). A
 point's value is cached with the highest write revision of the rollup rows
 its window covers, so it is recomputed only when a write touched the window.
 """
@@ -380,21 +381,47 @@ def _window_revisions(conn, q: Query, points: np.ndarray, step: int) -> np.ndarr
 
 
 def _split_groups(rows: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
-    groups = _group_of(q)
-    if groups is None:
+    """Raw rows split by group (volume: row count), each group's rows in their order (the split
+    is a stable sort)."""
+    if not q.group_by:
         return {"": rows}
-    rows = rows.assign(group=rows["segset_id"].map(groups).fillna(NONE_VALUE))
-    mapping = _top_groups(rows.groupby("group").size()) if len(rows) else {}
-    rows["group"] = rows["group"].map(mapping)
-    return dict(iter(rows.groupby("group", sort=True)))
+    if rows.empty:
+        return {}
+    seg = rows["segset_id"].to_numpy()
+    return {g: rows.iloc[i] for g, i in _group_rows(seg, np.ones(len(seg)), q).items()}
+
+
+# Rows summed over the windows of one batch call (Metric.windows): the deadline is checked
+# between calls, each some 100 ms at most on 2 cores.
+BATCH_ROWS = 4_000_000
+
+
+def _batched(q: Query) -> bool:
+    """Whether the metric's ``windows`` function evaluates this series, many windows at a time.
+    Not cumulative windows: each holds every earlier row, O(points x rows) either way, and the
+    one-at-a-time loop checks the deadline every 16 windows."""
+    return q.metric.windows is not None and not q.window.cumulative
+
+
+def _batches(todo: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray):
+    """Consecutive runs of the points ``todo`` whose windows hold BATCH_ROWS rows in all (at
+    least one window each)."""
+    rows_through = np.cumsum(hi_idx[todo] - lo_idx[todo])
+    start = 0
+    while start < len(todo):
+        before = int(rows_through[start - 1]) if start else 0
+        stop = max(int(np.searchsorted(rows_through, before + BATCH_ROWS, side="right")), start + 1)
+        yield todo[start:stop]
+        start = stop
 
 
 def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | None,
-              fetch, evaluate) -> list[Series]:
-    """Evaluate ``evaluate(columns, a, b)`` on each point's slice [a, b) of time-sorted rows.
+              fetch, evaluate, evaluate_windows=None) -> list[Series]:
+    """Evaluate ``evaluate(columns, a, b)`` on each point's slice [a, b) of time-sorted rows, or
+    ``evaluate_windows(columns, lo_idx, hi_idx)`` on the slices of ``_batches`` of points.
 
     ``fetch(lo, hi)`` reads the rows with ts in (lo, hi] (lo None: from the
-    start) as a DataFrame with ``ts_s`` and ``segset_id``. Without group_by,
+    start) as a DataFrame with ``ts_s`` (and ``segset_id`` when grouping). Without group_by,
     each point's value is cached with its window's write revision, and only
     the points whose window changed are recomputed (no rows read if none).
     """
@@ -421,24 +448,38 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
         values = vals.copy()
         cols = {c: part[c].to_numpy() for c in part.columns if c != "group"}
         lo_idx, hi_idx = q.window.slices(cols["ts_s"], points, step)
-        for n, i in enumerate(todo):
-            if deadline is not None and n % 16 == 0 and time.monotonic() > deadline:
-                raise ComputeTimeout(f"{q.metric.name} over {len(todo)} windows ran past the time budget")
-            value = evaluate(cols, lo_idx[i], hi_idx[i])
-            values[i] = np.nan if value is None else float(value)
-            if q.group_by is None:
-                CACHE.put((*key_base, int(points[i])), int(revisions[i]), values[i])
+        if evaluate_windows is not None:
+            for chunk in _batches(todo, lo_idx, hi_idx):
+                _check_deadline(deadline, f"{q.metric.name} over {len(todo)} windows")
+                values[chunk] = evaluate_windows(cols, lo_idx[chunk], hi_idx[chunk])
+                if q.group_by is None:
+                    for i in chunk:
+                        CACHE.put((*key_base, int(points[i])), int(revisions[i]), values[i])
+        else:
+            for n, i in enumerate(todo):
+                if deadline is not None and n % 16 == 0 and time.monotonic() > deadline:
+                    raise ComputeTimeout(f"{q.metric.name} over {len(todo)} windows ran past the time budget")
+                value = evaluate(cols, lo_idx[i], hi_idx[i])
+                values[i] = np.nan if value is None else float(value)
+                if q.group_by is None:
+                    CACHE.put((*key_base, int(points[i])), int(revisions[i]), values[i])
         out.append(Series(name, points, values, {q.group_by: name} if q.group_by else {}))
     return out
 
 
 def raw_series(conn, q: Query, points: np.ndarray, step: int,
                deadline: float | None = None) -> list[Series]:
-    """Label metrics on each window's joined rows (labeled rows only, unless the metric says)."""
+    """Label metrics on each window's joined rows (labeled rows only, unless the metric says),
+    by the metric's ``windows`` function where ``_batched``, else one window at a time."""
     params = q.param_dict
+    batched = _batched(q)
+    columns = ("score", "label") if batched else ("score", "label", "delay_s")
+    if q.group_by:
+        columns += ("segset_id",)
 
     def fetch(lo, hi):
-        return store.joined_rows(conn, q.model, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids)
+        return store.joined_rows(conn, q.model, lo_s=lo, hi_s=hi, segset_ids=q.segset_ids,
+                                 columns=columns, labeled_only=q.metric.labeled_only)
 
     def evaluate(cols, a, b):
         y, s, d = cols["label"][a:b], cols["score"][a:b], cols["delay_s"][a:b]
@@ -448,7 +489,11 @@ def raw_series(conn, q: Query, points: np.ndarray, step: int,
         pred = (s >= q.threshold).astype(np.float64) if q.model.is_classifier else s
         return q.metric.raw(WindowRows(y, s, pred, d, params))
 
-    return _windowed(conn, q, points, step, deadline, fetch, evaluate)
+    def evaluate_windows(cols, lo_idx, hi_idx):
+        return q.metric.windows(cols["label"], cols["score"], lo_idx, hi_idx)
+
+    return _windowed(conn, q, points, step, deadline, fetch, evaluate,
+                     evaluate_windows if batched else None)
 
 
 def _fetch_column(conn, q: Query, col: Column, lo, hi) -> pd.DataFrame:
@@ -638,8 +683,8 @@ def _series(conn, q: Query, points: np.ndarray, step: int,
 
 
 def _range_rows(conn, q: Query, from_s: float, to_s: float) -> pd.DataFrame:
-    rows = store.joined_rows(conn, q.model, lo_s=from_s, hi_s=to_s, segset_ids=q.segset_ids)
-    return rows[~rows["label"].isna()]
+    return store.joined_rows(conn, q.model, lo_s=from_s, hi_s=to_s, segset_ids=q.segset_ids,
+                             columns=("score", "label"), labeled_only=True)
 
 
 def confusion_table(conn, q: Query, from_s: float, to_s: float) -> tuple[list, list]:

@@ -40,7 +40,8 @@ class Metric:
     ``kind`` says how the engine evaluates it:
 
     * ``partial``: ``finalize`` over the summed partials named in ``needs``;
-    * ``raw``: ``raw(window)`` on the joined rows of each window;
+    * ``raw``: ``raw(window)`` on the joined rows of each window, or ``windows`` on many
+      windows at once where it is declared;
     * ``column``: ``numeric(values, n_total, params)`` on a column's values per window;
     * ``drift``: ``numeric(window, reference)`` / ``categorical(window, reference)`` per window;
     * ``histogram``: counts per data-driven bin; ``table``: one table over the range.
@@ -65,6 +66,9 @@ class Metric:
     # raw metrics with payload method=binned: fn(dict of (points, N_BINS) arrays n, pos, neg,
     # sum_score, sum_score_lab) -> (points,) from the score bins of the rollup levels
     binned: Callable | None = None
+    # raw, labeled_only: fn(y_true, y_score, lo_idx, hi_idx) -> one value per window [lo, hi)
+    # of the time-sorted labeled rows, many windows at once (each equal to raw's)
+    windows: Callable | None = None
 
     @property
     def column_kinds(self) -> tuple[str, ...]:
@@ -277,19 +281,122 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float((mean_rank[run[positive]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _dense_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based rank of each value among the distinct values (equal values share one): one
+    argsort, a fifth faster than ``np.unique(return_inverse=True)`` at 2M values."""
+    order = np.argsort(values)
+    ordered = values[order]
+    distinct = np.empty(len(values), dtype=bool)
+    distinct[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=distinct[1:])
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.cumsum(distinct) - 1
+    return ranks
+
+
+class _RankedPieces:
+    """Time-sorted rows cut at the windows' bounds into pieces (every window is then a run of
+    whole pieces), each piece sorted once by score rank: a window's rows in score order are a
+    merge of its sorted pieces, which a stable sort (timsort) does in linear time per piece.
+
+    Why: a 7-day panel of 1-hour windows at a 5-minute step has 2,016 windows, each sharing
+    11/12 of its rows with the next; sorting every window anew was most of its request.
+    A row is 2 rank + 1 for a positive (+ 0 for a negative): a positive comes after the
+    negatives of its score. Memory O(rows).
+    """
+
+    def __init__(self, y_true: np.ndarray, y_score: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray):
+        bounds = np.unique(np.concatenate([lo_idx, hi_idx]))
+        self.first = int(bounds[0])
+        positive = y_true[self.first:bounds[-1]] == 1
+        ranks = _dense_ranks(y_score[self.first:bounds[-1]])
+        n_ranks = int(ranks.max()) + 1
+        # the pieces' keys offset so that they never interleave: the sort stays within pieces
+        piece_offset = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64) * 2 * n_ranks, np.diff(bounds))
+        self.rows = np.sort(2 * ranks + positive + piece_offset, kind="stable") - piece_offset
+        ranks_of_positives = np.zeros(n_ranks, dtype=bool)
+        ranks_of_positives[ranks[positive]] = True
+        self.ties = bool(ranks_of_positives[ranks[~positive]].any())  # a positive and a negative share a score
+
+    def window(self, lo: int, hi: int) -> np.ndarray:
+        """The rows [lo, hi) (a run of whole pieces) in ascending score order."""
+        return np.sort(self.rows[lo - self.first:hi - self.first], kind="stable")
+
+
+def _window_counts(y_true: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray):
+    """(positives, negatives) of each window [lo, hi), from one running count."""
+    positives_before = np.concatenate(([0], np.cumsum(y_true == 1)))
+    n_pos = positives_before[hi_idx] - positives_before[lo_idx]
+    return n_pos, hi_idx - lo_idx - n_pos
+
+
+def windowed_roc_auc(y_true: np.ndarray, y_score: np.ndarray, lo_idx: np.ndarray,
+                     hi_idx: np.ndarray) -> np.ndarray:
+    """``roc_auc`` of the rows [lo, hi) of each window, the windows' rows ranked once
+    (``_RankedPieces``): the Mann-Whitney count (a positive above a negative counts 1, a tie
+    1/2) from the positions of the positives in each window's merge. Integers until the one
+    division per window: exact, as ``roc_auc``."""
+    lo_idx, hi_idx = np.asarray(lo_idx, dtype=np.int64), np.asarray(hi_idx, dtype=np.int64)
+    values = np.full(len(lo_idx), np.nan)
+    n_pos, n_neg = _window_counts(y_true, lo_idx, hi_idx)
+    defined = np.flatnonzero((n_pos > 0) & (n_neg > 0))
+    if len(defined) == 0:
+        return values
+    ranked = _RankedPieces(y_true, y_score, lo_idx[defined], hi_idx[defined])
+    positions = np.arange(int((hi_idx - lo_idx)[defined].max()), dtype=np.int64)
+    for k in defined:
+        rows = ranked.window(lo_idx[k], hi_idx[k])
+        is_positive = rows & 1
+        p, n = int(n_pos[k]), int(n_neg[k])
+        # negatives at or below each positive, summed: its position minus the positives before it
+        at_or_below = int(np.dot(is_positive, positions[:len(rows)])) - p * (p - 1) // 2
+        twice = 2 * at_or_below
+        if ranked.ties:  # a tie counts 1/2, not 1: its pairs are the positives x negatives of each score
+            rank = rows >> 1
+            starts = np.flatnonzero(np.concatenate(([True], rank[1:] != rank[:-1])))
+            run_positives = np.add.reduceat(is_positive, starts)
+            twice -= int(np.dot(run_positives, np.diff(np.append(starts, len(rows))) - run_positives))
+        values[k] = twice / (2 * p * n)
+    return values
+
+
 def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Step-wise area under the precision-recall curve over distinct thresholds (scikit-learn's)."""
     n_pos = int(np.sum(y_true == 1))
     if n_pos == 0:
         return np.nan
     order = np.argsort(-y_score, kind="mergesort")
-    s, y = y_score[order], y_true[order]
-    tps = np.cumsum(y)
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
-    tp, k = tps[last], last + 1
-    precision = tp / k
-    recall_steps = np.diff(np.r_[0.0, tp]) / n_pos
-    return float(np.sum(recall_steps * precision))
+    return _precision_steps_area(y_true[order], y_score[order], n_pos)
+
+
+def _precision_steps_area(y_desc: np.ndarray, s_desc: np.ndarray, n_pos: int) -> float:
+    """Average precision of rows in descending score order (any values ordered as the scores)."""
+    last_of_score = np.empty(len(s_desc), dtype=bool)  # the last row of each distinct score
+    last_of_score[-1] = True
+    np.not_equal(s_desc[1:], s_desc[:-1], out=last_of_score[:-1])
+    last = last_of_score.nonzero()[0]
+    tp = y_desc.cumsum()[last]
+    precision = tp / (last + 1)
+    new_tp = tp.copy()  # positives gained at each threshold (ufuncs only: ~2,000 windows a panel)
+    new_tp[1:] -= tp[:-1]
+    return float((new_tp / n_pos * precision).sum())
+
+
+def windowed_average_precision(y_true: np.ndarray, y_score: np.ndarray, lo_idx: np.ndarray,
+                               hi_idx: np.ndarray) -> np.ndarray:
+    """``average_precision`` of the rows [lo, hi) of each window, the windows' rows ranked once
+    (``_RankedPieces``): the same steps over each window's merge, read from the top."""
+    lo_idx, hi_idx = np.asarray(lo_idx, dtype=np.int64), np.asarray(hi_idx, dtype=np.int64)
+    values = np.full(len(lo_idx), np.nan)
+    n_pos, _ = _window_counts(y_true, lo_idx, hi_idx)
+    defined = np.flatnonzero(n_pos > 0)
+    if len(defined) == 0:
+        return values
+    ranked = _RankedPieces(y_true, y_score, lo_idx[defined], hi_idx[defined])
+    for k in defined:
+        rows = ranked.window(lo_idx[k], hi_idx[k])[::-1]
+        values[k] = _precision_steps_area(rows & 1, rows >> 1, int(n_pos[k]))
+    return values
 
 
 def calibration_bins(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = CALIBRATION_BINS):
@@ -431,11 +538,12 @@ _BUILTINS: list[Metric] = [
            "raw rows) or binned (score bins of width 0.01: ties within a bin count 1/2, error at most "
            "sum_b pos_b neg_b / (2PN), 0 for scores on the grid).",
            frozenset({CLF}), "raw", unit="none", raw=lambda w: roc_auc(w.y_true, w.y_score),
-           payloads=_METHOD, binned=lambda b: binned_auc(b["pos"], b["neg"])),
+           payloads=_METHOD, binned=lambda b: binned_auc(b["pos"], b["neg"]), windows=windowed_roc_auc),
     Metric("average_precision", "Average precision", "Area under the precision-recall curve. "
            "method=exact (default) or binned (each score bin of width 0.01 one threshold).",
            frozenset({CLF}), "raw", unit="none", raw=lambda w: average_precision(w.y_true, w.y_score),
-           payloads=_METHOD, binned=lambda b: binned_average_precision(b["pos"], b["neg"])),
+           payloads=_METHOD, binned=lambda b: binned_average_precision(b["pos"], b["neg"]),
+           windows=windowed_average_precision),
     Metric("expected_calibration_error", "Expected calibration error",
            "Count-weighted |mean score - observed rate| over 10 equal-width score bins (k/10, (k+1)/10]; "
            "method=binned: over [k/10, (k+1)/10) from the score bins.",
@@ -501,6 +609,8 @@ def _check_declarations(metrics) -> None:
             raise ValueError(f"partial metric {m.name} must name declared partials in needs")
         if m.kind == "raw" and m.raw is None:
             raise ValueError(f"raw metric {m.name} has no function")
+        if m.windows is not None and (m.kind != "raw" or not m.labeled_only):
+            raise ValueError(f"metric {m.name}: windows is for raw metrics on labeled rows")
         if m.kind in ("column", "drift") and not m.column_kinds:
             raise ValueError(f"column metric {m.name} has no statistic")
 

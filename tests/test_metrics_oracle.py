@@ -266,3 +266,160 @@ def test_merged_partials_equal_metric_of_union(conn):
             got = float(m.finalize(merged)[0])
             exp = oracle.classification(m.name, truth.label, truth.score, None, thr, {})
             assert oracle.close(None if np.isnan(got) else got, exp), (m.name, thr, got, exp)
+
+
+# ----------------------------------------------------------------------- ROC AUC, all windows at once
+
+
+def _random_scores(rng, n: int):
+    """Scores with every kind of tie: continuous, rounded, a few values with exact 0 and 1, all equal."""
+    kind = int(rng.integers(0, 5))
+    if kind == 0:
+        return rng.random(n)
+    if kind == 1:
+        return np.round(rng.random(n), int(rng.integers(1, 3)))
+    if kind == 2:
+        return rng.choice([0.0, 1.0, 0.5, 0.3, 0.77], n)
+    if kind == 3:
+        return np.full(n, 0.42)
+    return np.where(rng.random(n) < 0.5, rng.random(n), np.round(rng.random(n), 2))
+
+
+def _random_windows(rng, n: int):
+    """[lo, hi) row bounds as the engine cuts them (sliding at any width and step, tumbling) or
+    arbitrary (overlapping, out of order, empty)."""
+    kind = int(rng.integers(0, 3))
+    if kind == 2:
+        a, b = rng.integers(0, n + 1, (2, int(rng.integers(1, 80))))
+        return np.minimum(a, b), np.maximum(a, b)
+    ts = np.sort(rng.uniform(0, 1000, n))
+    step = float(rng.choice([7.0, 10.0, 25.0, 60.0]))
+    width = step if kind == 1 else float(rng.choice([step, 3 * step, 12 * step, 2.5 * step, 33.0, 150.0]))
+    points = np.arange(float(rng.integers(-50, 100)), 1100.0, step)
+    return np.searchsorted(ts, points - width, side="right"), np.searchsorted(ts, points, side="right")
+
+
+def test_batch_ranking_metrics_equal_sklearn_on_every_window():
+    """The batch ROC AUC and average precision of each window equal scikit-learn's roc_auc_score
+    and average_precision_score on that window's rows (NaN where undefined: one class, or no
+    positive), over random data with ties and random windows."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(23)
+    checked = undefined = 0
+    for trial in range(150):
+        n = int(rng.integers(0, 400))
+        score = _random_scores(rng, n)
+        label = (rng.random(n) < rng.choice([0.0, 0.05, 0.5, 0.9, 1.0])).astype(np.float64)
+        lo, hi = _random_windows(rng, n)
+        auc = registry.windowed_roc_auc(label, score, lo, hi)
+        ap = registry.windowed_average_precision(label, score, lo, hi)
+        assert auc.shape == ap.shape == lo.shape
+        for k, (a, b) in enumerate(zip(lo, hi, strict=True)):
+            y, s = label[a:b], score[a:b]
+            if y.sum() == 0:
+                assert np.isnan(ap[k]), (trial, k, ap[k])
+            else:
+                assert abs(ap[k] - average_precision_score(y, s)) <= 1e-12, (trial, k, ap[k])
+            if len(set(y)) < 2:
+                assert np.isnan(auc[k]), (trial, k, auc[k])
+                undefined += 1
+                continue
+            expected = roc_auc_score(y, s)
+            assert abs(auc[k] - expected) <= 1e-12, (trial, k, auc[k], expected)
+            checked += 1
+    assert checked > 2000 and undefined > 150
+
+
+def _count_batched_windows(monkeypatch, name: str = "roc_auc") -> list[int]:
+    """Wrap a metric's batch function (the real one runs) to record how many windows each call
+    evaluates."""
+    from dataclasses import replace
+
+    calls: list[int] = []
+    real = registry.REGISTRY[name]
+
+    def windows(y_true, y_score, lo_idx, hi_idx):
+        calls.append(len(lo_idx))
+        return real.windows(y_true, y_score, lo_idx, hi_idx)
+
+    monkeypatch.setitem(registry.REGISTRY, name, replace(real, windows=windows))
+    return calls
+
+
+ROC_WINDOWS = ["5m", "15m", "1h", "6h", "7m", "90s", "13m", "2h", "1d"]
+
+
+@pytest.mark.parametrize("metric", ["roc_auc", "average_precision"])
+def test_ranking_panels_match_sklearn(http, monkeypatch, metric):
+    """Sliding and tumbling ROC AUC and average precision panels (the batch path) at random
+    windows, steps, filters and group-bys: every point equals scikit-learn on the window's
+    labeled rows (data with ties, late, missing and corrected labels)."""
+    calls = _count_batched_windows(monkeypatch, metric)
+    rng = np.random.default_rng(29)
+    truth = _load(http, rng, "binary_classification", threshold=0.5)
+    failures: list[str] = []
+    checked = 0
+    for _ in range(40):
+        window, mode = str(rng.choice(ROC_WINDOWS)), str(rng.choice(["sliding", "sliding", "tumbling"]))
+        filters = FILTERS[int(rng.integers(0, len(FILTERS)))]
+        group_by = "v" if rng.random() < 0.3 else None
+        interval = int(rng.choice(INTERVALS_MS + [20_000, 420_000]))
+        a = T0_MS + int(rng.integers(-3600_000, SPAN_MS)) + int(rng.integers(0, 1000))
+        b = min(a + int(rng.integers(3600_000, 30 * 3600_000)), T0_MS + SPAN_MS + 3600_000)
+        payload = {"model": "m", "window": window, "mode": mode, **({"group_by": group_by} if group_by else {})}
+        body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": interval,
+                "maxDataPoints": int(rng.choice([100, 300, 600])), "filters": filters,
+                "targets": [{"refId": "A", "target": metric, "payload": payload}]}
+        r = http.post("/query", json=body)
+        ctx = f"[{window} {mode} filters={filters} group_by={group_by} int={interval}]"
+        assert r.status_code == 200, (ctx, r.get_json())
+        base = np.array([_matches(s, filters) for s in truth.segments])
+        for item in r.get_json():
+            times = [t for _, t in item["datapoints"]]
+            step_ms = times[1] - times[0] if len(times) > 1 else None
+            if mode == "tumbling" and step_ms is None:
+                continue
+            mask = base
+            if group_by:
+                value = item["target"].split(f"{group_by}=", 1)[1]
+                mask = base & np.array([s.get(group_by, "(none)") == value for s in truth.segments])
+            _check_series(item, truth, mask, metric, window, mode, 0.5, {}, "binary_classification",
+                          step_ms, failures, ctx)
+            checked += len(item["datapoints"])
+    assert not failures, f"{len(failures)} of {checked} points differ:\n" + "\n".join(failures[:20])
+    assert checked > 7000 and sum(calls) > 0.9 * checked, (checked, sum(calls))  # the batch path ran
+
+
+def test_roc_auc_batch_recomputes_only_the_windows_a_write_touched(http, monkeypatch):
+    """The per-point cache still holds for the batch path: a repeated panel evaluates no window,
+    and after a new labeled prediction only the windows holding its minute are evaluated
+    again; every point still equals scikit-learn on the rows as they are now."""
+    calls = _count_batched_windows(monkeypatch)
+    rng = np.random.default_rng(31)
+    truth = _load(http, rng, "binary_classification", threshold=0.5)
+    a, b = T0_MS + 2 * 3600_000, T0_MS + 14 * 3600_000
+    body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": 300_000, "maxDataPoints": 1000,
+            "targets": [{"refId": "A", "target": "roc_auc", "payload": {"model": "m", "window": "1h"}}]}
+    first = http.post("/query", json=body).get_json()
+    assert sum(calls) == len(first[0]["datapoints"]) == 145
+    calls.clear()
+    assert http.post("/query", json=body).get_json() == first and calls == []
+    late = {"id": "late", "ts": a + 5 * 3600_000 + 17_000, "score": 0.61, "segments": {"b": "x", "v": "1"}}
+    assert http.post("/api/v1/predictions", json={"model": "m", "records": [late]}).status_code == 200
+    assert http.post("/api/v1/feedback", json={"model": "m", "records": [
+        {"id": "late", "ts": late["ts"] + 60_000, "label": 1}]}).status_code == 200
+    truth.ts_ms, truth.score = np.append(truth.ts_ms, late["ts"]), np.append(truth.score, late["score"])
+    truth.label, truth.label_ts_ms = np.append(truth.label, 1.0), np.append(truth.label_ts_ms, late["ts"] + 60_000)
+    truth.segments.append(late["segments"])
+    second = http.post("/query", json=body).get_json()
+    minute_end = -(-late["ts"] // 60_000) * 60_000
+    touched = [t for _, t in first[0]["datapoints"] if t - 3600_000 < minute_end <= t]
+    assert sum(calls) == len(touched) == 12
+    failures: list[str] = []
+    _check_series(second[0], truth, np.ones(len(truth.ts_ms), bool), "roc_auc", "1h", "sliding", 0.5, {},
+                  "binary_classification", 300_000, failures, "after the write")
+    assert not failures, "\n".join(failures[:20])
+    changed = [t for (v1, t), (v2, _) in zip(first[0]["datapoints"], second[0]["datapoints"], strict=True)
+               if v1 != v2]
+    assert changed and set(changed) <= set(touched)

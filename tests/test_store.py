@@ -222,3 +222,44 @@ def test_two_concurrent_writers_on_overlapping_ids(clean_db):
     assert _counts(setup) == {**_counts(setup), "predictions": 150, "feedback": 75}
     assert store.check_rollup(setup, model) == []
     setup.close()
+
+
+def test_raw_reads_give_the_written_rows_and_times_to_the_bit(conn):
+    """joined_rows and column_rows send the time as timestamptz and convert it in numpy: each
+    ts_s equals the written microseconds / 10^6 correctly rounded (Python's exact integer
+    division) and PostgreSQL's date_part('epoch', ts), bit for bit, before 1970, around 2000
+    and after 2100; ``columns`` and ``labeled_only`` select what they say."""
+    model = _register(conn)
+    rng = np.random.default_rng(4)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    written, scores = {}, {}
+    for k, start in enumerate([datetime(1950, 3, 1, tzinfo=UTC), datetime(1999, 12, 31, 23, tzinfo=UTC),
+                               datetime(2020, 2, 1, tzinfo=UTC), datetime(2150, 6, 1, tzinfo=UTC)]):
+        recs = []
+        for i in range(60):
+            ts = start + timedelta(microseconds=int(rng.integers(0, 2 * 3600 * 10**6)))
+            recs.append({"id": f"c{k}-{i}", "ts": ts.isoformat(), "score": float(rng.random()),
+                         "segments": {"b": str(rng.choice(["x", "y"]))}})
+            written[f"c{k}-{i}"] = ts
+            scores[ts] = recs[-1]["score"]
+        _write(conn, "p", recs)
+        _write(conn, "f", [{"id": r["id"], "ts": (written[r["id"]] + timedelta(minutes=5)).isoformat(),
+                            "label": int(rng.integers(0, 2))} for r in recs[::3]])
+    us = sorted((ts - epoch) // timedelta(microseconds=1) for ts in written.values())
+    exact = np.array([u / 10**6 for u in us])  # int / int: correctly rounded
+    rows = store.joined_rows(conn, model, lo_s=None, hi_s=10**10, segset_ids=None)
+    assert list(rows.columns) == ["ts_s", "score", "label", "delay_s", "segset_id"]
+    np.testing.assert_array_equal(rows["ts_s"].to_numpy(), exact)
+    np.testing.assert_array_equal(rows["score"].to_numpy(), [scores[t] for t in sorted(scores)])
+    with conn.cursor() as cur:
+        cur.execute("SELECT date_part('epoch', ts) FROM predictions WHERE model_id = %s ORDER BY ts",
+                    (model.model_id,))
+        np.testing.assert_array_equal(rows["ts_s"].to_numpy(), [r[0] for r in cur.fetchall()])
+    np.testing.assert_array_equal(
+        store.column_rows(conn, model, feature=None, lo_s=None, hi_s=10**10, segset_ids=None)["ts_s"], exact)
+    np.testing.assert_allclose(rows.loc[~rows["label"].isna(), "delay_s"], 300.0)
+    labeled = store.joined_rows(conn, model, lo_s=None, hi_s=10**10, segset_ids=None,
+                                columns=("score", "label"), labeled_only=True)
+    assert list(labeled.columns) == ["ts_s", "score", "label"] and len(labeled) == 4 * 20
+    np.testing.assert_array_equal(labeled.to_numpy(),
+                                  rows.loc[~rows["label"].isna(), ["ts_s", "score", "label"]].to_numpy())

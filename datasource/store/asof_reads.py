@@ -144,7 +144,7 @@ def asof_joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
     arrival = ("'-Infinity'::float8" if fixed else
                f"extract(epoch FROM {_ceil_bucket('f.ts - %(shift)s', '%(res)s')})::float8")
     sql = f"""
-        SELECT date_part('epoch', p.ts) AS ts_s, p.score, coalesce(f.label, 'NaN') AS label,
+        SELECT p.ts AS ts_s, p.score, coalesce(f.label, 'NaN') AS label,
                coalesce(date_part('epoch', f.ts - p.ts), 'NaN') AS delay_s,
                CASE WHEN f.output_id IS NULL THEN 'NaN'::float8 ELSE {arrival} END AS known_h,
                p.segset_id::int8

@@ -14,14 +14,18 @@ import io
 import numpy as np
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_KINDS = {"int4": ">i4", "int8": ">i8", "float8": ">f8"}
+# timestamptz travels as int8 microseconds since 2000-01-01 UTC, PostgreSQL's own form
+_KINDS = {"int4": ">i4", "int8": ">i8", "float8": ">f8", "timestamptz": ">i8"}
+_PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01 in Unix microseconds
 
 
 def copy_out(conn, sql: str, params: dict, columns: dict[str, str]) -> dict[str, np.ndarray]:
     """The rows of a parameterised query (a SELECT, or an INSERT/UPDATE/DELETE … RETURNING)
     as arrays, one per column: ``columns`` maps each output column, in order, to its SQL type
-    (int4, int8 or float8; no NULLs), or ``bytesN`` for a bytea of exactly N bytes in every
-    row. Integers come back as int64, floats as float64, bytes as an N-byte void array."""
+    (int4, int8, float8 or timestamptz; no NULLs), or ``bytesN`` for a bytea of exactly N bytes
+    in every row. Integers come back as int64, floats as float64, times as int64 microseconds
+    since the Unix epoch (exact: no date_part per row in the query), bytes as an N-byte void
+    array."""
     with conn.cursor() as cur:
         query = cur.mogrify(sql, params).decode()
         buf = io.BytesIO()
@@ -35,6 +39,7 @@ def copy_out(conn, sql: str, params: dict, columns: dict[str, str]) -> dict[str,
     n = (len(data) - header - 2) // row.itemsize  # the data ends with a -1 trailer
     rows = np.frombuffer(data, dtype=row, count=n, offset=header)
     return {name: rows[name].copy() if kind.startswith("bytes") else
+            rows[name].astype(np.int64) + _PG_EPOCH_US if kind == "timestamptz" else
             rows[name].astype(np.float64 if kind == "float8" else np.int64)
             for name, kind in columns.items()}
 

@@ -241,28 +241,42 @@ def range_revision(conn, model: Model, *, lo_s: float, hi_s: float) -> int:
         return int(cur.fetchone()[0])
 
 
+# What a raw read can send besides the time (ts_s, always first): each column's SQL over the
+# prediction row ``p`` and its label ``f`` (RAW_ROWS).
+RAW_COLUMNS = {
+    "score": "p.score",
+    "label": "coalesce(f.label, 'NaN')",
+    "delay_s": "coalesce(date_part('epoch', f.ts - p.ts), 'NaN')",
+    "segset_id": "p.segset_id::int8",
+}
+
+
 def joined_rows(conn, model: Model, *, lo_s: float | None, hi_s: float,
-                segset_ids: Sequence[int] | None) -> pd.DataFrame:
-    """Raw joined rows with ts in (lo, hi], sorted by ts: ts_s, score, label, delay_s, segset_id.
+                segset_ids: Sequence[int] | None, columns: Sequence[str] = tuple(RAW_COLUMNS),
+                labeled_only: bool = False) -> pd.DataFrame:
+    """Raw joined rows with ts in (lo, hi], sorted by ts: ts_s and ``columns`` (of RAW_COLUMNS).
 
     ``label`` is NaN where no feedback arrived; ``delay_s`` is feedback time minus
     prediction time (both from the prediction row, which carries its label). Streams through COPY, which is several times faster than
-    fetching tuples for the hundreds of thousands of rows a long panel reads.
+    fetching tuples for the hundreds of thousands of rows a long panel reads. Only the
+    columns asked for, and with ``labeled_only`` only the labeled rows, cross the wire: a
+    7-day ROC AUC panel at 1M predictions reads 7.1 MB (ts, score, label of its labeled rows)
+    instead of 14.6 MB.
     """
     require_retained(conn, lo_s)
     params = {"m": model.model_id, "lo": lo_s, "hi": hi_s,
               "segs": list(segset_ids) if segset_ids is not None else None}
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
     lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
+    labeled = "AND f.label IS NOT NULL" if labeled_only else ""
+    selected = "".join(f", {RAW_COLUMNS[c]} AS {c}" for c in columns)
     sql = f"""
-        SELECT date_part('epoch', p.ts) AS ts_s, p.score, coalesce(f.label, 'NaN') AS label,
-               coalesce(date_part('epoch', f.ts - p.ts), 'NaN') AS delay_s,
-               p.segset_id::int8
+        SELECT p.ts AS ts_s{selected}
         {RAW_ROWS}
-        WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
+        WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s) {labeled}
         ORDER BY p.ts
     """
-    return _copy_out(conn, sql, params, ["ts_s", "score", "label", "delay_s", "segset_id"])
+    return _copy_out(conn, sql, params, ["ts_s", *columns])
 
 
 def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, hi_s: float,
@@ -278,7 +292,7 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
     seg_where = "" if segset_ids is None else "AND p.segset_id = ANY(%(segs)s)"
     lo = "" if lo_s is None else "AND p.ts > to_timestamp(%(lo)s)"
     sql = f"""
-        SELECT date_part('epoch', p.ts) AS ts_s, {value} AS value, p.segset_id::int8
+        SELECT p.ts AS ts_s, {value} AS value, p.segset_id::int8
         FROM predictions p
         WHERE p.model_id = %(m)s {seg_where} {lo} AND p.ts <= to_timestamp(%(hi)s)
         ORDER BY p.ts
@@ -287,13 +301,24 @@ def column_rows(conn, model: Model, *, feature: str | None, lo_s: float | None, 
 
 
 def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
-    """A parameterised SELECT of non-null 8-byte columns (int8 for INT8_COLUMNS, else float8)
-    as a DataFrame, through binary COPY (``binary_copy.copy_out``)."""
-    return pd.DataFrame(copy_out(conn, sql, params,
-                                 {n: "int8" if n in INT8_COLUMNS else "float8" for n in names}))
+    """A parameterised SELECT of non-null 8-byte columns (int8 for INT8_COLUMNS, timestamptz
+    for TIMESTAMP_COLUMNS, else float8) as a DataFrame, through binary COPY
+    (``binary_copy.copy_out``)."""
+    kinds = {n: "int8" if n in INT8_COLUMNS else "timestamptz" if n in TIMESTAMP_COLUMNS else "float8"
+             for n in names}
+    columns = copy_out(conn, sql, params, kinds)
+    return pd.DataFrame({n: _epoch_s(v) if n in TIMESTAMP_COLUMNS else v for n, v in columns.items()})
 
 
 INT8_COLUMNS = frozenset({"segset_id", "bucket_end", "bin", "revision"})  # the rest are float8
+# Sent as timestamptz, PostgreSQL's binary form (microseconds since 2000-01-01 UTC), and turned
+# into epoch seconds here: no per-row date_part in the query (64 vs 85 ms of COPY for the 187K
+# rows of a 7-day ROC AUC panel at 1M predictions).
+TIMESTAMP_COLUMNS = frozenset({"ts_s"})
+def _epoch_s(unix_us: np.ndarray) -> np.ndarray:
+    """Epoch seconds as date_part('epoch', ts) gives them: the exact microseconds since 1970,
+    divided by 10^6 in double precision (the same rounding, bit for bit)."""
+    return unix_us / 1e6
 
 
 def rollup_totals(conn, model: Model, columns: Sequence[str]) -> dict[str, float]:

@@ -115,10 +115,8 @@ def _begin_write(cur, model: Model) -> int:
     return cur.fetchone()[0]
 
 
-# A raw row's time as µs since the epoch, exactly (extract gives numeric; date_part's float8
-# would round the microseconds of a 2020 time).
-_US = "(extract(epoch FROM {0}) * 1000000)::int8"
-_REPLACED = {"ts_us": "int8", "score": "float8", "segset_id": "int8", "label": "float8"}
+# The rows a batch replaced, as binary_copy.copy_out reads them (timestamptz: exact µs).
+_REPLACED = {"ts_us": "timestamptz", "score": "float8", "segset_id": "int8", "label": "float8"}
 # The raw rows of a batch's keys are found by an index probe per key in each weekly partition:
 # the keys as an array (an InitPlan) leave the planner no join to choose. Joined with the
 # staged rows instead, it hash-joined them with a scan of every partition whenever the raw
@@ -200,7 +198,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
         params = {"m": model.model_id}
         replaced = binary_copy.copy_out(
             conn, f"DELETE FROM predictions p WHERE p.model_id = %(m)s AND {_STAGED.format('stage_predictions')}"
-                  f" RETURNING {_US.format('p.ts')}, p.score, p.segset_id::int8,"
+                  f" RETURNING p.ts, p.score, p.segset_id::int8,"
                   f" coalesce(p.label, 'NaN')", params, _REPLACED)
         known = binary_copy.copy_out(  # labels that came before their prediction
             conn, f"UPDATE stage_predictions s SET label = f.label, label_ts = f.ts FROM feedback f"
@@ -258,7 +256,7 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         retention.ensure_partitions(cur, "feedback", us_kept)
         params = {"m": model.model_id}
         matched = binary_copy.copy_out(  # the labeled predictions as they were
-            conn, f"SELECT s.ord::int8, {_US.format('p.ts')}, p.score, p.segset_id::int8,"
+            conn, f"SELECT s.ord::int8, p.ts, p.score, p.segset_id::int8,"
                   f" coalesce(p.label, 'NaN') FROM stage_feedback s"
                   f" JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id"
                   f" WHERE {_STAGED.format('stage_feedback')}",
