@@ -295,8 +295,10 @@ def _drop_late_labels(cur, model: Model, horizon) -> int:
 # REBUILD_CHUNK_ROWS rows (plus the rest of its last day): a day is a multiple of every level's
 # width, so a chunk's rows make its own buckets alone, and the process holds one chunk's
 # score-bin records at a time (at most 2 per row, and per day at most 288 buckets x (segment
-# sets + 1) x 101 bins) instead of the model's (~10M records at 100M predictions).
-REBUILD_CHUNK_ROWS = 1_000_000
+# sets + 1) x 101 bins) instead of the model's (~10M records at 100M predictions). Measured
+# at 2M predictions: peak RSS 182 MB, of which 112 MB after imports (1M rows a chunk: 514 MB;
+# the one-shot rebuild before: 813 MB), in no more time (17-24 s, the one-shot 29 s).
+REBUILD_CHUNK_ROWS = 100_000
 _DAY_S = 86_400
 
 
