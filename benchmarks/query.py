@@ -97,9 +97,7 @@ def ensure_sql_data(server: str, n: int, seed: int, refill: bool, zones: int = 1
         print(f"reusing database {db_name} ({tag})", flush=True)
         return url, float("nan")
     url = common.fresh_database(server, db_name)
-    t0 = time.perf_counter()
-    phases = fill_sql.fill(url, n, seed, tag, zones)
-    took = time.perf_counter() - t0
+    phases, took, others = _measured(lambda: fill_sql.fill(url, n, seed, tag, zones))
     conn = db.connect(url)
     try:
         sizes = fill_sql.table_sizes(conn)
@@ -107,7 +105,8 @@ def ensure_sql_data(server: str, n: int, seed: int, refill: bool, zones: int = 1
         conn.close()
     print(f"filled {db_name} in PostgreSQL in {took:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
-          + f"); peak RSS of this process {fill_sql.peak_rss_mb():,.0f} MB", flush=True)
+          + f"); peak RSS of this process {fill_sql.peak_rss_mb():,.0f} MB; others' cores "
+          f"{common.fmt_cores(others)}", flush=True)
     print("  sizes: " + ", ".join(f"{t} {b / 2**20:,.0f} MB" for t, b in sizes.items())
           + f", total {sum(sizes.values()) / 2**30:,.1f} GB", flush=True)
     return url, took
@@ -122,11 +121,22 @@ def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool, zo
         print(f"reusing database {DB_NAME} ({tag})", flush=True)
         return url
     url = common.fresh_database(server, DB_NAME)
-    t0 = time.perf_counter()
-    common.bulk_fill(url, data, tag)
+    _, took, others = _measured(lambda: common.bulk_fill(url, data, tag))
     print(f"filled {DB_NAME} with the bulk client, then VACUUM ANALYZE and CHECKPOINT, in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+          f"{took:.0f} s (others' cores {common.fmt_cores(others)})", flush=True)
     return url
+
+
+def _measured(fill: Callable[[], object]) -> tuple[object, float, float]:
+    """What ``fill()`` returns, its seconds and the cores other processes used meanwhile (a
+    fill's time on a shared machine says little without them)."""
+    load = common.OtherLoad().start()
+    t0, mark = time.perf_counter(), load.now()
+    try:
+        result = fill()
+        return result, time.perf_counter() - t0, load.cores(mark, load.now())
+    finally:
+        load.stop()
 
 
 # --------------------------------------------------------------------------- Grafana requests
@@ -572,19 +582,27 @@ def measure_http(case: Case, url: str, server: common.Gunicorn | None, reps: int
     latencies, answer = [], None
     load.wait_quiet(quiet_wait)
     t0 = load.now()
-    if case.cold:
-        for _ in tqdm(range(cold_reps), desc=f"{case.key} (restarts)", leave=False,
-                      file=sys.stderr, disable=None):
-            with common.Gunicorn(url) as g, requests.Session() as s:
-                took, answer = post(s, g.url, case.body)
-                latencies.append(took)
-    else:
-        with requests.Session() as s:
-            for _ in range(3):  # warm-up: connections, caches, the OS page cache
-                post(s, server.url, case.body)
-            for _ in tqdm(range(reps), desc=case.key, leave=False, file=sys.stderr, disable=None):
-                took, answer = post(s, server.url, case.body)
-                latencies.append(took)
+    try:
+        if case.cold:
+            for _ in tqdm(range(cold_reps), desc=f"{case.key} (restarts)", leave=False,
+                          file=sys.stderr, disable=None):
+                with common.Gunicorn(url) as g, requests.Session() as s:
+                    took, answer = post(s, g.url, case.body)
+                    latencies.append(took)
+        else:
+            with requests.Session() as s:
+                for _ in range(3):  # warm-up: connections, caches, the OS page cache
+                    post(s, server.url, case.body)
+                for _ in tqdm(range(reps), desc=case.key, leave=False, file=sys.stderr, disable=None):
+                    took, answer = post(s, server.url, case.body)
+                    latencies.append(took)
+    except (RuntimeError, requests.RequestException) as e:  # at 100M a case may time out: say so
+        case.result.update(p50=float("nan"), p95=float("nan"), others=load.cores(t0, load.now()),
+                           n=len(latencies), served={}, series=0, datapoints=[],
+                           failed=" ".join(str(e).split())[:160])
+        print(f"{case.key}: failed after {len(latencies)} requests: {case.result['failed']}",
+              flush=True)
+        return
     others = load.cores(t0, load.now())
     served = _served(answer)
     lengths = {len(v) for v in served.values()}
@@ -846,7 +864,9 @@ def main(argv: list[str] | None = None) -> None:
         base = by_key[c.baseline_key] if c.baseline_key else c
         r, b = c.result, base.result
         ratio = b["base_p50"] / r["p50"] if b.get("base_p50") else float("nan")
-        rows.append([c.title, f"{r['series']} x {'/'.join(map(str, r['datapoints']))}",
+        shape = (f"failed: {r['failed']}" if "failed" in r
+                 else f"{r['series']} x {'/'.join(map(str, r['datapoints']))}")
+        rows.append([c.title, shape,
                      common.fmt_ms(r["p50"]), common.fmt_ms(r["p95"]),
                      common.fmt_ms(b.get("base_p50", float("nan"))),
                      _ratio(ratio),
