@@ -271,11 +271,9 @@ def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool) ->
         print(f"  reusing database {DB_NAME} ({query._tag(len(data), seed)})", flush=True)
         return url, float("nan")
     url = common.fresh_database(server, DB_NAME)
-    t0 = time.perf_counter()
-    common.bulk_fill(url, data, query._tag(len(data), seed))
-    took = time.perf_counter() - t0
-    print(f"  filled {DB_NAME} (bulk client, VACUUM ANALYZE, CHECKPOINT) in {took:.0f} s",
-          flush=True)
+    _, took, others = query._measured(lambda: common.bulk_fill(url, data, query._tag(len(data), seed)))
+    print(f"  filled {DB_NAME} (bulk client, VACUUM ANALYZE, CHECKPOINT) in {took:.0f} s "
+          f"(others' cores {common.fmt_cores(others)})", flush=True)
     return url, took
 
 
