@@ -33,7 +33,6 @@ import time
 
 import common
 import numpy as np
-import psycopg2
 from tqdm import tqdm
 
 from datasource import db, ingest, store
@@ -215,13 +214,7 @@ def fill(url: str, n: int, seed: int, description: str, zones: int = 1,
         seconds["rollup"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("VACUUM ANALYZE")
-            try:
-                cur.execute("CHECKPOINT")
-            except psycopg2.Error:
-                pass  # needs superuser or pg_checkpoint on a shared server
+        common.settle(conn)
         seconds["vacuum analyze, checkpoint"] = time.perf_counter() - t0
     finally:
         conn.close()

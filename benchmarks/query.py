@@ -113,7 +113,7 @@ def ensure_sql_data(server: str, n: int, seed: int, refill: bool, zones: int = 1
           + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
           + f"); peak RSS of this process {fill_sql.peak_rss_mb():,.0f} MB; others' cores "
           f"{common.fmt_cores(others)}", flush=True)
-    print("  sizes: " + ", ".join(f"{t} {b / 2**20:,.0f} MB" for t, b in sizes.items())
+    print("  sizes: " + ", ".join(f"{t} {b / 2**20:,.1f} MB" for t, b in sizes.items())
           + f", total {sum(sizes.values()) / 2**30:,.1f} GB", flush=True)
     return url, took
 
