@@ -529,7 +529,6 @@ def bulk_fill(url: str, data: Synthetic, description: str, batch: int = 50_000) 
     """Write ``data`` into a fresh database with the bulk client (progress bars on stderr), mark
     the model with ``description`` (how a later run recognizes the fill), then VACUUM ANALYZE
     and CHECKPOINT, so that the load's dirty pages are not written while a benchmark measures."""
-    import psycopg2
     from tqdm import tqdm
 
     from datasource import db
@@ -548,13 +547,21 @@ def bulk_fill(url: str, data: Synthetic, description: str, batch: int = 50_000) 
                     bar.update(hi - lo)
         client.register_model(MODEL, description=description)
     conn = db.connect(url, statement_timeout_ms=0)
-    conn.autocommit = True
     try:
-        with conn.cursor() as cur:
-            cur.execute("VACUUM ANALYZE")
-            try:
-                cur.execute("CHECKPOINT")
-            except psycopg2.Error:
-                pass  # needs superuser or pg_checkpoint on a shared server
+        settle(conn)
     finally:
         conn.close()
+
+
+def settle(conn) -> None:
+    """VACUUM ANALYZE, then CHECKPOINT, after a fill (the connection left in autocommit): the
+    statistics are fresh and the load's dirty pages are not written while a benchmark measures."""
+    import psycopg2
+
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("VACUUM ANALYZE")
+        try:
+            cur.execute("CHECKPOINT")
+        except psycopg2.Error:
+            pass  # needs superuser or pg_checkpoint on a shared server

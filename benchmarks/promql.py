@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/promql.py                                 # N = 10K, 100K, 1M
     .venv/bin/python benchmarks/promql.py --sizes 10000 --reps 3          # quick
     .venv/bin/python benchmarks/promql.py --ours-only-sizes 10000000      # + mlsli alone at 10M
+    .venv/bin/python benchmarks/promql.py --ours-only-sizes 1e7,1e8 --fill sql   # filled in SQL
 
 Why. The essay this project answers (Shreya Shankar, "The Modern ML Monitoring Mess:
 Failure Modes in Extending Prometheus", 2022) plots the latency of one number, the
@@ -28,7 +29,7 @@ number, and draws the essay's figure again with its own timings overlaid:
    ``GET /api/v1/query`` at the last scrape's time.
 2. **The essay's join + scikit-learn**: ``query.Essay``'s ``SELECT p.score, f.label
    FROM predictions p JOIN feedback f ...`` fetched with psycopg2, then
-   ``accuracy_score(label, score >= 0.5)`` (``query._single_value``, case (a)'s baseline).
+   ``accuracy_score(label, score >= 0.5)`` (``query.SingleValue``, case (a)'s baseline).
 3. **mlsli**: ``POST /query`` to a real gunicorn with the body Grafana sends for a
    30-day stat panel of cumulative accuracy (``query.py``'s case (a) stat: 240
    points, the last one the current value).
@@ -59,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
+import fill_sql
 import numpy as np
 import query
 import requests
@@ -269,11 +271,9 @@ def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool) ->
         print(f"  reusing database {DB_NAME} ({query._tag(len(data), seed)})", flush=True)
         return url, float("nan")
     url = common.fresh_database(server, DB_NAME)
-    t0 = time.perf_counter()
-    common.bulk_fill(url, data, query._tag(len(data), seed))
-    took = time.perf_counter() - t0
-    print(f"  filled {DB_NAME} (bulk client, VACUUM ANALYZE, CHECKPOINT) in {took:.0f} s",
-          flush=True)
+    _, took, others = query._measured(lambda: common.bulk_fill(url, data, query._tag(len(data), seed)))
+    print(f"  filled {DB_NAME} (bulk client, VACUUM ANALYZE, CHECKPOINT) in {took:.0f} s "
+          f"(others' cores {common.fmt_cores(others)})", flush=True)
     return url, took
 
 
@@ -295,7 +295,18 @@ def held_size(server: str, seed: int) -> int | None:
     prefix = query._tag(0, seed).removesuffix("0")
     if model is None or not (model.description or "").startswith(prefix):
         return None
-    return int(model.description.removeprefix(prefix))
+    return int(model.description.removeprefix(prefix).split()[0])  # then " fill=sql", if so
+
+
+def labeled_count(url: str) -> int:
+    """The number of labels the database holds."""
+    from datasource import db, store
+
+    conn = db.connect(url, statement_timeout_ms=0)
+    try:
+        return store.table_counts(conn, store.get_model(conn, common.MODEL))["feedback"]
+    finally:
+        conn.close()
 
 
 def in_fill_order(sizes: list[int], held: int | None) -> list[int]:
@@ -306,7 +317,7 @@ def in_fill_order(sizes: list[int], held: int | None) -> list[int]:
 def measure_sklearn(url: str, reps: int, load: common.OtherLoad, quiet_wait: float) -> dict:
     """The essay's SQL join fetched into Python, then ``accuracy_score`` (query.py's (a))."""
     essay = query.Essay(url, budget_s=float("inf"))
-    run = query._single_value({}, 0.5, "accuracy")
+    run = query.SingleValue({}, 0.5, "accuracy")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -344,6 +355,13 @@ def measure_ours(url: str, reps: int, load: common.OtherLoad, quiet_wait: float)
 
 def measure_size(server: str, n: int, args, load: common.OtherLoad, promql: bool) -> Size:
     """Fill, then run PromQL (when ``promql``), join + sklearn (likewise) and ours at N = n."""
+    if not promql and args.fill == "sql":  # ours alone: the data need not exist in numpy
+        print(f"\nN = {n:,}: {fill_sql.describe(n, args.seed)}", flush=True)
+        url, fill_s = query.ensure_sql_data(server, n, args.seed, args.refill, db_name=DB_NAME)
+        size = Size(n, labeled_count(url), fill_s)
+        size.sides["ours"] = measure_ours(url, args.http_reps, load, args.quiet_wait)
+        print(f"  ours {common.fmt_ms(size.p50('ours'))} = {size.sides['ours']['value']!r}", flush=True)
+        return size
     data = common.synthesize(n, args.seed)
     print(f"\nN = {n:,}: {common.describe_data(data)}", flush=True)
     size = Size(n, len(data.fb_index))
@@ -449,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ours-only-sizes", type=_sizes, default=[],
                     help="N for mlsli alone (e.g. 10000000), comma-separated")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fill", choices=("bulk", "sql"), default="bulk",
+                    help="how the --ours-only-sizes are filled: the bulk client, or in PostgreSQL "
+                         "(fill_sql: the same distribution, not the same values; for 10M-100M)")
     ap.add_argument("--reps", type=int, default=5, help="timed PromQL and join + sklearn runs")
     ap.add_argument("--http-reps", type=int, default=20, help="timed POST /query requests")
     ap.add_argument("--refill", action="store_true", help="refill the database even if it matches")

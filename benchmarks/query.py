@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/query.py                      # 1M predictions, 30 days
     .venv/bin/python benchmarks/query.py --predictions 100000 --reps 10
+    .venv/bin/python benchmarks/query.py --predictions 100000000 --fill sql --skip-baseline
 
 The database ``mlsli_bench_query`` (on DATABASE_URL's server, else the embedded
 PostgreSQL under ``.data/bench-pg``) is filled once with the bulk client: 30
 days of predictions, ~80 % labeled with delays up to 2 days, segmented by
-borough x vendor. A later run with the same ``--predictions`` and ``--seed``
-reuses it.
+borough x vendor. A later run with the same ``--predictions``, ``--seed`` and
+``--fill`` reuses it. ``--fill sql`` generates the same distribution inside
+PostgreSQL (``fill_sql.py``; here 10M predictions in ~95 s instead of ~28 min with the
+bulk client, 100M in 13-21 min, and no arrays of all rows in this process).
 
 Every case is a ``POST /query`` with the JSON Grafana (simpod-json-datasource,
 builder mode) sends, to a real ``gunicorn -w 2 --threads 4`` on 127.0.0.1,
@@ -16,7 +19,10 @@ connection. The baseline is the essay's Postgres approach, run in this process
 against the same database: fetch the joined (score, label) rows with psycopg2,
 then score them with scikit-learn, once for a single value and once per point
 for a panel. Every baseline also checks our numbers: the max |difference|
-between the served datapoints and scikit-learn's is printed per case.
+between the served datapoints and scikit-learn's is printed per case. With
+``--skip-baseline`` (10M, 100M: the join would not fit in memory) an oracle checks
+them within bounded memory: each panel at ``--oracle-points`` points, scikit-learn on
+that window's rows read back alone; cumulative values against counts made in SQL.
 
 Cases: (a) cumulative accuracy, a 30-day panel and a stat panel (its last
 value is the current one); (b) a 7-day panel of 1h-sliding accuracy at a
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import common
+import fill_sql
 import numpy as np
 import psycopg2
 import requests
@@ -62,23 +69,53 @@ DASHBOARD_METRICS = ("accuracy", "precision", "recall", "f1", "label_coverage",
 # --------------------------------------------------------------------------- the data
 
 
-def _tag(n: int, seed: int, zones: int = 1) -> str:
+def _tag(n: int, seed: int, zones: int = 1, fill: str = "bulk") -> str:
+    """What the model's description says of its data (a later run reuses it when equal)."""
     return f"benchmark data v{DATA_VERSION}: seed={seed} predictions={n}" + (
-        f" zones={zones}" if zones > 1 else "")
+        f" zones={zones}" if zones > 1 else "") + (f" fill={fill}" if fill != "bulk" else "")
 
 
-def _has_data(url: str, n: int, seed: int, n_feedback: int, zones: int) -> bool:
-    conn = db.connect(url)
+def _has_data(url: str, n: int, seed: int, n_feedback: int | None, zones: int = 1,
+              fill: str = "bulk") -> bool:
+    """Whether the database holds this data (``n_feedback`` None: any number of labels)."""
+    conn = db.connect(url, statement_timeout_ms=0)  # counting 100M rows takes a while
     try:
         model = store.get_model(conn, common.MODEL)
-        if model is None or model.description != _tag(n, seed, zones):
+        if model is None or model.description != _tag(n, seed, zones, fill):
             return False
         counts = store.table_counts(conn, model)
-        return counts["predictions"] == n and counts["feedback"] == n_feedback
+        return counts["predictions"] == n and n_feedback in (None, counts["feedback"])
     except psycopg2.Error:
         return False
     finally:
         conn.close()
+
+
+def ensure_sql_data(server: str, n: int, seed: int, refill: bool, zones: int = 1,
+                    db_name: str = DB_NAME) -> tuple[str, float]:
+    """The URL of database ``db_name`` filled by ``fill_sql`` (unless it already holds that
+    data), and the fill's seconds (NaN: reused). Prints the phases, table sizes and the peak
+    RSS of this process."""
+    url = common.with_dbname(server, db_name)
+    tag = _tag(n, seed, zones, "sql")
+    if not refill and common.database_exists(server, db_name) and _has_data(
+            url, n, seed, None, zones, "sql"):
+        print(f"reusing database {db_name} ({tag})", flush=True)
+        return url, float("nan")
+    url = common.fresh_database(server, db_name)
+    phases, took, others = _measured(lambda: fill_sql.fill(url, n, seed, tag, zones))
+    conn = db.connect(url)
+    try:
+        sizes = fill_sql.table_sizes(conn)
+    finally:
+        conn.close()
+    print(f"filled {db_name} in PostgreSQL in {took:.0f} s ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+          + f"); peak RSS of this process {fill_sql.peak_rss_mb():,.0f} MB; others' cores "
+          f"{common.fmt_cores(others)}", flush=True)
+    print("  sizes: " + ", ".join(f"{t} {b / 2**20:,.1f} MB" for t, b in sizes.items())
+          + f", total {sum(sizes.values()) / 2**30:,.1f} GB", flush=True)
+    return url, took
 
 
 def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool, zones: int = 1) -> str:
@@ -90,11 +127,22 @@ def ensure_data(server: str, data: common.Synthetic, seed: int, refill: bool, zo
         print(f"reusing database {DB_NAME} ({tag})", flush=True)
         return url
     url = common.fresh_database(server, DB_NAME)
-    t0 = time.perf_counter()
-    common.bulk_fill(url, data, tag)
+    _, took, others = _measured(lambda: common.bulk_fill(url, data, tag))
     print(f"filled {DB_NAME} with the bulk client, then VACUUM ANALYZE and CHECKPOINT, in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+          f"{took:.0f} s (others' cores {common.fmt_cores(others)})", flush=True)
     return url
+
+
+def _measured(fill: Callable[[], object]) -> tuple[object, float, float]:
+    """What ``fill()`` returns, its seconds and the cores other processes used meanwhile (a
+    fill's time on a shared machine says little without them)."""
+    load = common.OtherLoad().start()
+    t0, mark = time.perf_counter(), load.now()
+    try:
+        result = fill()
+        return result, time.perf_counter() - t0, load.cores(mark, load.now())
+    finally:
+        load.stop()
 
 
 # --------------------------------------------------------------------------- Grafana requests
@@ -169,9 +217,9 @@ class Baseline:
 class Essay:
     """The essay's approach: join predictions with feedback in SQL, score with scikit-learn."""
 
-    JOIN = ("SELECT {cols} FROM predictions p {kind} JOIN feedback f"
-            " ON f.model_id = p.model_id AND f.output_id = p.output_id {seg}"
-            " WHERE p.model_id = %(m)s {where}")
+    SQL = "SELECT {cols} FROM predictions p {labels} {seg} WHERE p.model_id = %(m)s {where}"
+    JOIN = "{kind} JOIN feedback f ON f.model_id = p.model_id AND f.output_id = p.output_id"
+    ROW_LABELS = "CROSS JOIN LATERAL (SELECT p.label) f"  # the label the writers copy onto the row
 
     def __init__(self, url: str, budget_s: float):
         self.conn = db.connect(url, statement_timeout_ms=0)
@@ -182,14 +230,18 @@ class Essay:
     def close(self) -> None:
         self.conn.close()
 
-    def fetch(self, *, lo_s: float | None, hi_s: float, left: bool = False,
-              seg_key: str | None = None, seg_value: str | None = None,
-              group_key: str | None = None, ordered: bool = True) -> dict[str, np.ndarray]:
-        """Joined rows with ts in (lo, hi] (ordered by ts for panels): ts, score, label[, group]."""
-        cols = "extract(epoch FROM p.ts)::float8, p.score, f.label"
+    def _sql(self, cols: str, *, lo_s: float | None, left: bool, seg_key: str | None,
+             group_key: str | None, row_labels: bool) -> str:
+        """The rows with ts in (lo, hi]: cols (then the group), labels joined from feedback (or,
+        ``row_labels``, from the prediction rows), only labeled ones unless ``left``."""
         where = "AND p.ts <= to_timestamp(%(hi)s)"
         if lo_s is not None:
             where += " AND p.ts > to_timestamp(%(lo)s)"
+        if row_labels:
+            labels = self.ROW_LABELS
+            where += "" if left else " AND f.label IS NOT NULL"
+        else:
+            labels = self.JOIN.format(kind="LEFT" if left else "")
         seg = ""
         if seg_key or group_key:
             seg = "JOIN segment_sets s ON s.model_id = p.model_id AND s.segset_id = p.segset_id"
@@ -197,7 +249,15 @@ class Essay:
             where += " AND s.segments ->> %(sk)s = %(sv)s"
         if group_key:
             cols += ", s.segments ->> %(gk)s"
-        sql = self.JOIN.format(cols=cols, kind="LEFT" if left else "", seg=seg, where=where)
+        return self.SQL.format(cols=cols, labels=labels, seg=seg, where=where)
+
+    def fetch(self, *, lo_s: float | None, hi_s: float, left: bool = False,
+              seg_key: str | None = None, seg_value: str | None = None,
+              group_key: str | None = None, ordered: bool = True,
+              row_labels: bool = False) -> dict[str, np.ndarray]:
+        """Joined rows with ts in (lo, hi] (ordered by ts for panels): ts, score, label[, group]."""
+        sql = self._sql("extract(epoch FROM p.ts)::float8, p.score, f.label", lo_s=lo_s, left=left,
+                        seg_key=seg_key, group_key=group_key, row_labels=row_labels)
         if ordered:
             sql += " ORDER BY p.ts"
         with self.conn.cursor() as cur:
@@ -212,6 +272,19 @@ class Essay:
         if group_key:
             out["group"] = np.array([r[3] for r in rows], dtype=object)
         return out
+
+    def accuracy_counts(self, *, hi_s: float, thr: float, seg_key: str | None = None,
+                        seg_value: str | None = None,
+                        group_key: str | None = None) -> dict[str | None, tuple[int, int]]:
+        """(correct at ``thr``, labeled) of the predictions with ts <= hi, per group value (None:
+        not grouped), counted in PostgreSQL from the labels on the prediction rows."""
+        sql = self._sql("count(*) FILTER (WHERE (p.score >= %(thr)s) = (f.label = 1)), count(*)",
+                        lo_s=None, left=False, seg_key=seg_key, group_key=group_key, row_labels=True)
+        with self.conn.cursor() as cur:
+            cur.execute(sql + (" GROUP BY 3" if group_key else ""),
+                        {"m": self.model.model_id, "hi": hi_s, "thr": thr, "sk": seg_key,
+                         "sv": seg_value, "gk": group_key})
+            return {(r[2] if group_key else None): (r[0], r[1]) for r in cur.fetchall()}
 
     def per_point(self, points_s: np.ndarray, rows: dict, span_s: int | None,
                   fns: dict[str, Callable], spent_s: float) -> tuple[dict, int]:
@@ -319,7 +392,7 @@ class Case:
     key: str
     title: str
     body: dict
-    baseline: Callable[[Essay], Baseline] | None = None
+    baseline: SingleValue | Panel | None = None
     baseline_key: str | None = None  # reuse another case's baseline run
     cold: bool = False
     points: int | None = None  # datapoints expected per series
@@ -332,48 +405,82 @@ def _points(days: int, step_s: int) -> np.ndarray:
                      step_s, dtype=np.int64)
 
 
-def _single_value(fetch_kw: dict, thr: float, name: str = "") -> Callable[[Essay], Baseline]:
+def _groups(rows: dict[str, np.ndarray], group_name: str) -> dict[str, dict[str, np.ndarray]]:
+    """The rows per group (``group_name=value``), or all of them as group ""."""
+    if "group" not in rows:
+        return {"": rows}
+    return {f"{group_name}={g}": {k: v[rows["group"] == g] for k, v in rows.items() if k != "group"}
+            for g in sorted(set(rows["group"].tolist()))}
+
+
+@dataclass
+class SingleValue:
     """The essay's cumulative accuracy: one join, one accuracy_score (per group if grouped)."""
-    def run(e: Essay) -> Baseline:
+
+    fetch_kw: dict
+    thr: float
+    name: str = ""
+
+    def __call__(self, e: Essay) -> Baseline:
         t0 = time.perf_counter()
-        rows = e.fetch(lo_s=None, hi_s=NOW_MS / 1000, ordered=False, **fetch_kw)
-        fn = sk_accuracy(thr)
-        if "group" in rows:
-            values = {}
-            for g in sorted(set(rows["group"].tolist())):
-                sel = rows["group"] == g
-                values[f"{name}={g}"] = np.array([fn({k: v[sel] for k, v in rows.items()})])
-        else:
-            values = {name: np.array([fn(rows)])}
+        rows = e.fetch(lo_s=None, hi_s=NOW_MS / 1000, ordered=False, **self.fetch_kw)
+        fn = sk_accuracy(self.thr)
+        values = {(group or self.name): np.array([fn(part)])
+                  for group, part in _groups(rows, self.name).items()}
         return Baseline(time.perf_counter() - t0, values, "one value")
-    return run
+
+    def oracle(self, e: Essay, points: int) -> dict[str, np.ndarray]:
+        """The same values with no row in Python: correct and labeled predictions counted in
+        PostgreSQL (``points`` unused: one value)."""
+        counts = e.accuracy_counts(hi_s=NOW_MS / 1000, thr=self.thr, **self.fetch_kw)
+        return {(self.name if group is None else f"{self.name}={group}"): np.array([correct / labeled])
+                for group, (correct, labeled) in counts.items() if labeled}
 
 
-def _panel(fetch_kw: dict, fns: dict[str, Callable], points: np.ndarray, span_s: int | None,
-           group_name: str = "") -> Callable[[Essay], Baseline]:
+@dataclass
+class Panel:
     """The essay's approach for a panel: one join, then scikit-learn at every point."""
-    def run(e: Essay) -> Baseline:
+
+    fetch_kw: dict
+    fns: dict[str, Callable]
+    points: np.ndarray
+    span_s: int | None
+    group_name: str = ""
+
+    def __call__(self, e: Essay) -> Baseline:
+        points, span_s = self.points, self.span_s
         t0 = time.perf_counter()
         lo = None if span_s is None else float(points[0] - span_s)
-        rows = e.fetch(lo_s=lo, hi_s=float(points[-1]), **fetch_kw)
+        rows = e.fetch(lo_s=lo, hi_s=float(points[-1]), **self.fetch_kw)
         fetched = time.perf_counter() - t0
         values = {}
-        parts = ({f"{group_name}={g}": rows["group"] == g for g in sorted(set(rows["group"]))}
-                 if "group" in rows else {"": None})
+        parts = _groups(rows, self.group_name)
         compute, done_min = 0.0, len(points)
-        for pname, sel in parts.items():
-            part = rows if sel is None else {k: v[sel] for k, v in rows.items() if k != "group"}
+        for pname, part in parts.items():
             t1 = time.perf_counter()
-            vals, done = e.per_point(points, part, span_s, fns, fetched + compute)
+            vals, done = e.per_point(points, part, span_s, self.fns, fetched + compute)
             compute += (time.perf_counter() - t1) * len(points) / done  # extrapolated if cut
             done_min = min(done_min, done)
             for fname, v in vals.items():
                 values[(fname, pname)] = v
-        note = f"{len(points)} points x {len(fns) * len(parts)} series"
+        note = f"{len(points)} points x {len(self.fns) * len(parts)} series"
         if done_min < len(points):
             note += f", extrapolated from {done_min}"
         return Baseline(fetched + compute, values, note)
-    return run
+
+    def oracle(self, e: Essay, points: int) -> dict[tuple[str, str], np.ndarray]:
+        """The same values at ``points`` points spread over the panel (NaN at the others), each
+        window's rows read back alone, with the labels on the prediction rows: memory bounded
+        by one window, whatever the table holds."""
+        values = {}
+        for i in _spread(len(self.points))[:points]:
+            hi = float(self.points[i])
+            lo = None if self.span_s is None else hi - self.span_s
+            rows = e.fetch(lo_s=lo, hi_s=hi, ordered=False, row_labels=True, **self.fetch_kw)
+            for pname, part in _groups(rows, self.group_name).items():
+                for fname, fn in self.fns.items():
+                    values.setdefault((fname, pname), np.full(len(self.points), np.nan))[i] = fn(part)
+        return values
 
 
 def build_cases(args) -> list[Case]:
@@ -388,15 +495,15 @@ def build_cases(args) -> list[Case]:
     cases = [
         Case("a", "(a) cumulative accuracy, 30-day panel",
              grafana_body([target("accuracy", **cum)], **panel),
-             _single_value({}, 0.5, "accuracy"), points=len(p30)),
+             SingleValue({}, 0.5, "accuracy"), points=len(p30)),
         Case("a_stat", "(a) cumulative accuracy, stat panel (current value)",
              grafana_body([target("accuracy", **cum)], **stat), baseline_key="a"),
         Case("b", "(b) 1h-sliding accuracy, 7-day panel, 5 m step",
              grafana_body([target("accuracy")], **week),
-             _panel({}, {"accuracy": acc5}, p7, HOUR_S), points=len(p7)),
+             Panel({}, {"accuracy": acc5}, p7, HOUR_S), points=len(p7)),
         Case("c_cold", "(c) 1h-sliding roc_auc, 7 days, 5 m step: cold",
              grafana_body([target("roc_auc")], **week),
-             _panel({}, {"roc_auc": sk_roc_auc}, p7, HOUR_S), cold=True, points=len(p7)),
+             Panel({}, {"roc_auc": sk_roc_auc}, p7, HOUR_S), cold=True, points=len(p7)),
         Case("c_warm", "(c) 1h-sliding roc_auc, 7 days, 5 m step: warm (cached)",
              grafana_body([target("roc_auc")], **week), baseline_key="c_cold", points=len(p7)),
         Case("c_binned", "(c) the same, method=binned (score bins; vs exact sklearn)",
@@ -410,7 +517,7 @@ def build_cases(args) -> list[Case]:
              grafana_body([target("accuracy", threshold="0.123")], **week), points=len(p7)),
         Case("f_cold", "(f) 1h-sliding median score, 7 days, 5 m step: cold",
              grafana_body([target("quantile", column="score", quantile="0.5")], **week),
-             _panel({"left": True}, {"quantile": np_median_score}, p7, HOUR_S), cold=True,
+             Panel({"left": True}, {"quantile": np_median_score}, p7, HOUR_S), cold=True,
              points=len(p7)),
         Case("f_warm", "(f) 1h-sliding median score, 7 days, 5 m step: warm (cached)",
              grafana_body([target("quantile", column="score", quantile="0.5")], **week),
@@ -418,27 +525,27 @@ def build_cases(args) -> list[Case]:
         Case("d", "(d) 8-metric dashboard refresh, 7 days, 1h sliding",
              grafana_body([target(m, chr(ord("A") + i)) for i, m in enumerate(DASHBOARD_METRICS)],
                           **week),
-             _panel({"left": True}, sk_dashboard(0.5), p7, HOUR_S), points=len(p7)),
+             Panel({"left": True}, sk_dashboard(0.5), p7, HOUR_S), points=len(p7)),
         Case("e_a_thr", "(e) (a) at threshold 0.3 (score bins)",
              grafana_body([target("accuracy", threshold="0.3", **cum)], **panel),
-             _single_value({}, 0.3, "accuracy"), points=len(p30)),
+             SingleValue({}, 0.3, "accuracy"), points=len(p30)),
         Case("e_b_thr", "(e) (b) at threshold 0.3 (score bins)",
              grafana_body([target("accuracy", threshold="0.3")], **week),
-             _panel({}, {"accuracy": acc3}, p7, HOUR_S), points=len(p7)),
+             Panel({}, {"accuracy": acc3}, p7, HOUR_S), points=len(p7)),
         Case("e_a_filter", "(e) (a) with ad hoc filter borough=Manhattan",
              grafana_body([target("accuracy", **cum)], filters=manhattan, **panel),
-             _single_value({"seg_key": "borough", "seg_value": "Manhattan"}, 0.5, "accuracy"),
+             SingleValue({"seg_key": "borough", "seg_value": "Manhattan"}, 0.5, "accuracy"),
              points=len(p30)),
         Case("e_b_filter", "(e) (b) with ad hoc filter borough=Manhattan",
              grafana_body([target("accuracy")], filters=manhattan, **week),
-             _panel({"seg_key": "borough", "seg_value": "Manhattan"}, {"accuracy": acc5}, p7,
+             Panel({"seg_key": "borough", "seg_value": "Manhattan"}, {"accuracy": acc5}, p7,
                     HOUR_S), points=len(p7)),
         Case("e_a_group", "(e) (a) grouped by borough (5 series)",
              grafana_body([target("accuracy", group_by="borough", **cum)], **panel),
-             _single_value({"group_key": "borough"}, 0.5, "accuracy borough"), points=len(p30)),
+             SingleValue({"group_key": "borough"}, 0.5, "accuracy borough"), points=len(p30)),
         Case("e_b_group", "(e) (b) grouped by borough (5 series)",
              grafana_body([target("accuracy", group_by="borough")], **week),
-             _panel({"group_key": "borough"}, {"accuracy": acc5}, p7, HOUR_S, "borough"),
+             Panel({"group_key": "borough"}, {"accuracy": acc5}, p7, HOUR_S, "borough"),
              points=len(p7)),
     ]
     if args.cases:
@@ -481,19 +588,27 @@ def measure_http(case: Case, url: str, server: common.Gunicorn | None, reps: int
     latencies, answer = [], None
     load.wait_quiet(quiet_wait)
     t0 = load.now()
-    if case.cold:
-        for _ in tqdm(range(cold_reps), desc=f"{case.key} (restarts)", leave=False,
-                      file=sys.stderr, disable=None):
-            with common.Gunicorn(url) as g, requests.Session() as s:
-                took, answer = post(s, g.url, case.body)
-                latencies.append(took)
-    else:
-        with requests.Session() as s:
-            for _ in range(3):  # warm-up: connections, caches, the OS page cache
-                post(s, server.url, case.body)
-            for _ in tqdm(range(reps), desc=case.key, leave=False, file=sys.stderr, disable=None):
-                took, answer = post(s, server.url, case.body)
-                latencies.append(took)
+    try:
+        if case.cold:
+            for _ in tqdm(range(cold_reps), desc=f"{case.key} (restarts)", leave=False,
+                          file=sys.stderr, disable=None):
+                with common.Gunicorn(url) as g, requests.Session() as s:
+                    took, answer = post(s, g.url, case.body)
+                    latencies.append(took)
+        else:
+            with requests.Session() as s:
+                for _ in range(3):  # warm-up: connections, caches, the OS page cache
+                    post(s, server.url, case.body)
+                for _ in tqdm(range(reps), desc=case.key, leave=False, file=sys.stderr, disable=None):
+                    took, answer = post(s, server.url, case.body)
+                    latencies.append(took)
+    except (RuntimeError, requests.RequestException) as e:  # at 100M a case may time out: say so
+        case.result.update(p50=float("nan"), p95=float("nan"), others=load.cores(t0, load.now()),
+                           n=len(latencies), served={}, series=0, datapoints=[],
+                           failed=" ".join(str(e).split())[:160])
+        print(f"{case.key}: failed after {len(latencies)} requests: {case.result['failed']}",
+              flush=True)
+        return
     others = load.cores(t0, load.now())
     served = _served(answer)
     lengths = {len(v) for v in served.values()}
@@ -528,8 +643,9 @@ def server_rss_mb(server: common.Gunicorn) -> float:
 
 
 def check(case: Case, base: Case) -> str:
-    """Max |served - scikit-learn| over all compared values."""
-    served, ref = case.result.get("served"), base.result.get("base_values")
+    """Max |served - scikit-learn| over all compared values (the baseline's, else the oracle's)."""
+    served = case.result.get("served")
+    ref = base.result.get("base_values", base.result.get("oracle_values"))
     if not served or ref is None:
         return ""
     diffs = []
@@ -687,6 +803,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cases", default="", help="comma list of case keys (a,b,c,d,e,...)")
     ap.add_argument("--refill", action="store_true", help="refill the database even if it matches")
     ap.add_argument("--skip-baseline", action="store_true", help="only our side")
+    ap.add_argument("--oracle-points", type=int, default=12, metavar="K",
+                    help="with --skip-baseline, check the served values at K points of each panel "
+                         "against scikit-learn on that window's rows read back alone, and "
+                         "cumulative values against counts made in PostgreSQL (0: no check)")
+    ap.add_argument("--fill", choices=("bulk", "sql"), default="bulk",
+                    help="fill with the bulk client from common.synthesize, or in PostgreSQL "
+                         "(fill_sql: the same distribution, not the same values; for 10M-100M)")
     ap.add_argument("--quiet-wait", type=float, default=30.0, metavar="S",
                     help="before each case wait up to S seconds for other processes to go idle")
     ap.add_argument("--profile", action="store_true",
@@ -700,10 +823,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     pg_server = common.server_url()
     info = common.machine_of(pg_server)
-    data = common.synthesize(args.predictions, args.seed, args.zones)
-    print(f"query benchmark: {common.describe_data(data)}; seed {args.seed}", flush=True)
-    url = ensure_data(pg_server, data, args.seed, args.refill, args.zones)
-    del data
+    if args.fill == "sql":
+        print(f"query benchmark: {fill_sql.describe(args.predictions, args.seed, args.zones)}",
+              flush=True)
+        url, _ = ensure_sql_data(pg_server, args.predictions, args.seed, args.refill, args.zones)
+    else:
+        data = common.synthesize(args.predictions, args.seed, args.zones)
+        print(f"query benchmark: {common.describe_data(data)}; seed {args.seed}", flush=True)
+        url = ensure_data(pg_server, data, args.seed, args.refill, args.zones)
+        del data
     cases = build_cases(args)
     by_key = {c.key: c for c in cases}
 
@@ -720,12 +848,16 @@ def main(argv: list[str] | None = None) -> None:
         t_http = time.perf_counter() - t_http
 
         t_base = time.perf_counter()
-        if not args.skip_baseline:
+        if not args.skip_baseline or args.oracle_points:
             essay = Essay(url, args.baseline_budget)
             try:
                 for c in cases:
-                    if c.baseline is not None:
+                    if c.baseline is None:
+                        continue
+                    if not args.skip_baseline:
                         measure_baseline(c, essay, args.baseline_reps, load, args.quiet_wait)
+                    else:
+                        c.result["oracle_values"] = c.baseline.oracle(essay, args.oracle_points)
             finally:
                 essay.close()
         t_base = time.perf_counter() - t_base
@@ -738,7 +870,9 @@ def main(argv: list[str] | None = None) -> None:
         base = by_key[c.baseline_key] if c.baseline_key else c
         r, b = c.result, base.result
         ratio = b["base_p50"] / r["p50"] if b.get("base_p50") else float("nan")
-        rows.append([c.title, f"{r['series']} x {'/'.join(map(str, r['datapoints']))}",
+        shape = (f"failed: {r['failed'][:80]}" if "failed" in r
+                 else f"{r['series']} x {'/'.join(map(str, r['datapoints']))}")
+        rows.append([c.title, shape,
                      common.fmt_ms(r["p50"]), common.fmt_ms(r["p95"]),
                      common.fmt_ms(b.get("base_p50", float("nan"))),
                      _ratio(ratio),
@@ -750,6 +884,11 @@ def main(argv: list[str] | None = None) -> None:
     print(common.table(["case", "series x points", "ours p50", "ours p95", "baseline p50",
                         "ratio", "baseline computes", "max |Δ| vs sklearn",
                         "others' cores (ours/base)"], rows))
+    if args.skip_baseline and args.oracle_points:
+        print(f"\nmax |Δ| vs sklearn, baseline skipped: panels at {args.oracle_points} points each, "
+              "scikit-learn (numpy for the median) on each window's rows read back alone; "
+              "cumulative values against correct/labeled counts made in PostgreSQL; labels from "
+              "the prediction rows")
     if profile:
         print(f"\nWhere the time goes, in-process (Flask test client, mean of {args.reps} "
               "requests; cold roc_auc: cache cleared before each)\n")
@@ -759,7 +898,7 @@ def main(argv: list[str] | None = None) -> None:
     common.print_machine(info)
     print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}")
     print(f"benchmark wall time: {time.perf_counter() - started:.0f} s "
-          f"(HTTP cases {t_http:.0f} s, baselines {t_base:.0f} s)")
+          f"(HTTP cases {t_http:.0f} s, baselines or oracle {t_base:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -322,12 +322,9 @@ def _array_literal(values: np.ndarray) -> str:
     return "{" + ",".join(map(str, np.asarray(values, np.int64).tolist())) + "}"
 
 
-def replace_all(cur, table: str, model_id: int, records: dict[str, np.ndarray],
-                after: float | None = None) -> int:
-    """Replace every row of the model in ``table`` (with bucket end after ``after``, when
-    given) by ``records`` (aggregated per key and bin); returns the number of rows written."""
-    cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s"
-                " AND (%(a)s::float8 IS NULL OR bucket_end > %(a)s::float8)", {"m": model_id, "a": after})
+def insert_new(cur, table: str, model_id: int, records: dict[str, np.ndarray]) -> int:
+    """Write ``records`` (aggregated per key and bin) as new rows of ``table``, whose buckets
+    hold no row of the model (a rebuild deleted them); returns the number of rows written."""
     total = aggregate(records)
     keep = total["n"] != 0
     seg, bucket, values, suffixes = _encode({c: v[keep] for c, v in total.items()})

@@ -231,29 +231,33 @@ def raw_bucket(width: int) -> str:
 # all): the rollup keeps the dropped rows' partials, which no raw row can confirm any more.
 # The horizon is a week boundary, so every bucket after it holds only rows after it.
 RETAINED = "AND (%(after)s::float8 IS NULL OR p.ts > to_timestamp(%(after)s::float8))"
+# A rebuild's chunk: the rows with ts in (%(lo)s, %(hi)s] (epoch s, whole days: each row's
+# buckets at every level end in the same range, so a chunk's rows rebuild its buckets alone).
+IN_CHUNK = "AND p.ts > to_timestamp(%(lo)s::float8) AND p.ts <= to_timestamp(%(hi)s::float8)"
 
 
-def all_contributions(width: int = ROLLUP_BUCKET_S) -> str:
-    """The rollup rows of one level rebuilt from raw rows (segset 0: all segments)."""
+def all_contributions(width: int = ROLLUP_BUCKET_S, chunk: bool = False) -> str:
+    """The rollup rows of one level rebuilt from raw rows (segset 0: all segments), of the
+    rows in a chunk (``IN_CHUNK``) when ``chunk``."""
     bucket = raw_bucket(width)
     return f"""
     SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
            {bucket} AS bucket_end,
            {select_partials()}
     {RAW_ROWS}
-    WHERE p.model_id = %(m)s {RETAINED}
+    WHERE p.model_id = %(m)s {RETAINED} {IN_CHUNK if chunk else ""}
     GROUP BY GROUPING SETS (({bucket}, p.segset_id), ({bucket}))
 """
 
 
-def bin_contributions(width: int = BIN_BASE_S) -> str:
-    """The score-bin rows of one level rebuilt from raw rows."""
+def bin_contributions(width: int = BIN_BASE_S, chunk: bool = False) -> str:
+    """The score-bin rows of one level rebuilt from raw rows (of a chunk's rows when ``chunk``)."""
     bucket = raw_bucket(width)
     sums = ", ".join(f"{expr} AS {name}" for name, expr in BIN_PARTIALS.items())
     return f"""
     SELECT CASE WHEN grouping(p.segset_id) = 1 THEN 0 ELSE p.segset_id END AS segset_id,
            {bucket} AS bucket_end, {BIN} AS bin, {sums}
     {RAW_ROWS}
-    WHERE p.model_id = %(m)s {RETAINED}
+    WHERE p.model_id = %(m)s {RETAINED} {IN_CHUNK if chunk else ""}
     GROUP BY GROUPING SETS (({bucket}, p.segset_id, {BIN}), ({bucket}, {BIN}))
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -298,9 +298,22 @@ def _drop_late_labels(cur, model: Model, horizon) -> int:
     return n
 
 
-def rebuild_rollup(conn, model: Model) -> int:
-    """Recompute every level of the model's rollup (and its score bins) from raw rows;
-    returns the number of minute rollup rows."""
+# A rebuild reads the raw rows in chunks of whole days, each at least a day and about
+# REBUILD_CHUNK_ROWS rows (plus the rest of its last day): a day is a multiple of every level's
+# width, so a chunk's rows make its own buckets alone, and the process holds one chunk's
+# score-bin records at a time (at most 2 per row, and per day at most 288 buckets x (segment
+# sets + 1) x 101 bins) instead of the model's (~10M records at 100M predictions). Measured
+# at 2M predictions: peak RSS 182 MB, of which 112 MB after imports (1M rows a chunk: 514 MB;
+# the one-shot rebuild before: 813 MB), in no more time (17-24 s, the one-shot 29 s).
+REBUILD_CHUNK_ROWS = 100_000
+_DAY_S = 86_400
+
+
+def rebuild_rollup(conn, model: Model, chunk_rows: int = REBUILD_CHUNK_ROWS,
+                   progress: Callable[[int], None] | None = None) -> int:
+    """Recompute every level of the model's rollup (and its score bins) from raw rows, in the
+    caller's transaction, one chunk of days at a time (``_rebuild_chunks``); ``progress`` is
+    called with the end of each chunk (epoch s). Returns the number of minute rollup rows."""
     after = _after(conn)  # the horizon lock before the model's, in the writers' order
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
@@ -310,25 +323,56 @@ def rebuild_rollup(conn, model: Model) -> int:
                   "edges": BIN_EDGES, "after": after}
         for table in (*ROLLUP_TABLES.values(), *BIN_TABLES.values()):
             cur.execute(f"DELETE FROM {table} WHERE model_id = %(m)s AND {_AFTER}", params)
-        cur.execute(
-            f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})"
-            f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {cols()} FROM ({all_contributions()}) c",
-            params,
-        )
-        minute_rows = cur.rowcount
-        for width in LEVELS[1:]:  # the coarser levels from the minute level
-            bucket = level_bucket("bucket_end", width)
-            cur.execute(
-                f"INSERT INTO {ROLLUP_TABLES[width]} (model_id, segset_id, bucket_end, revision, {cols()})"
-                f" SELECT model_id, segset_id, {bucket}, max(revision),"
-                f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s AND {_AFTER}"
-                f" GROUP BY model_id, segset_id, {bucket}", params)
-        if model.is_classifier:
-            base = _records_of(_bin_rows(conn, bin_contributions(), params))
-            for width in BIN_LEVELS:  # the coarser bins from the 5-minute bins
-                bins.replace_all(cur, BIN_TABLES[width], model.model_id, _to_level(base, width),
-                                 after=params["after"])
+        minute_rows = 0
+        for lo, hi in _rebuild_chunks(cur, model.model_id, after, chunk_rows):
+            minute_rows += _rebuild_chunk(conn, cur, model, {**params, "lo": lo, "hi": hi})
+            if progress is not None:
+                progress(hi)
         return minute_rows
+
+
+def _rebuild_chunks(cur, model_id: int, after: float | None, chunk_rows: int):
+    """The chunks (lo, hi] (epoch s, whole days) of the model's raw rows after ``after``,
+    ascending: from the day of the next row to the end of the day of the ``chunk_rows``-th
+    next row, found by one probe of the (model_id, ts) index each; days without rows are
+    skipped. Exact (numeric) epochs: a chunk ends where the next begins."""
+    lo = after
+    while True:
+        cur.execute(
+            "SELECT (ceil(extract(epoch FROM min(ts)) / %(d)s) - 1)::int8 * %(d)s,"
+            " ceil(extract(epoch FROM max(ts)) / %(d)s)::int8 * %(d)s"
+            " FROM (SELECT ts FROM predictions WHERE model_id = %(m)s"
+            " AND (%(lo)s::float8 IS NULL OR ts > to_timestamp(%(lo)s::float8))"
+            " ORDER BY ts LIMIT %(n)s) r", {"d": _DAY_S, "m": model_id, "lo": lo, "n": chunk_rows})
+        first, last = cur.fetchone()
+        if first is None:
+            return
+        yield first, last
+        lo = last
+
+
+def _rebuild_chunk(conn, cur, model: Model, params: dict) -> int:
+    """Rebuild every level's buckets in the chunk (%(lo)s, %(hi)s] from its raw rows: the
+    minute level, the coarser levels from its minute rows, the score bins from the 5-minute
+    bins; returns the number of minute rows."""
+    cur.execute(
+        f"INSERT INTO rollup (model_id, segset_id, bucket_end, revision, {cols()})"
+        f" SELECT %(m)s, segset_id, bucket_end, %(rev)s, {cols()}"
+        f" FROM ({all_contributions(chunk=True)}) c", params)
+    minute_rows = cur.rowcount
+    for width in LEVELS[1:]:  # the coarser levels from the minute level
+        bucket = level_bucket("bucket_end", width)
+        cur.execute(
+            f"INSERT INTO {ROLLUP_TABLES[width]} (model_id, segset_id, bucket_end, revision, {cols()})"
+            f" SELECT model_id, segset_id, {bucket}, max(revision),"
+            f" {', '.join(f'sum({c})' for c in PARTIALS)} FROM rollup WHERE model_id = %(m)s AND {_AFTER}"
+            f" AND bucket_end > %(lo)s AND bucket_end <= %(hi)s"
+            f" GROUP BY model_id, segset_id, {bucket}", params)
+    if model.is_classifier:
+        base = _records_of(_bin_rows(conn, bin_contributions(chunk=True), params))
+        for width in BIN_LEVELS:  # the coarser bins from the 5-minute bins
+            bins.insert_new(cur, BIN_TABLES[width], model.model_id, _to_level(base, width))
+    return minute_rows
 
 
 # Rebuilds and checks cover the buckets after the retention horizon (the rollup keeps the
