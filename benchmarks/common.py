@@ -554,10 +554,18 @@ def bulk_fill(url: str, data: Synthetic, description: str, batch: int = 50_000) 
 
 
 def settle(conn) -> None:
-    """VACUUM ANALYZE, then CHECKPOINT, after a fill (the connection left in autocommit): the
-    statistics are fresh and the load's dirty pages are not written while a benchmark measures."""
+    """After a fill: every model's score bins folded (what the server's hourly upkeep does,
+    ``datasource.maintenance``), then VACUUM ANALYZE and CHECKPOINT (the connection left in
+    autocommit): the statistics are fresh and the load's dirty pages are not written while a
+    benchmark measures."""
     import psycopg2
 
+    from datasource import store
+
+    conn.autocommit = False
+    for model in store.list_models(conn):
+        store.fold_score_bins(conn, model)
+    conn.commit()
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("VACUUM ANALYZE")

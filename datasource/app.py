@@ -14,7 +14,7 @@ import psycopg2.errors
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from datasource import db, exporter, http, retention_job
+from datasource import db, exporter, http, maintenance
 from datasource.config import Settings
 from datasource.engine import ComputeTimeout
 from datasource.errors import ClientError
@@ -45,7 +45,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(series_bp)
     app.register_blueprint(browser_bp)
     exporter.init_app(app)  # GET /metrics for Prometheus, request counters
-    retention_job.start(app.extensions["pool"], settings.retention)  # RETENTION days of raw rows
+    maintenance.start(app.extensions["pool"], settings.retention)  # RETENTION; score-bin parts folded
     _register_errors(app)
     return app
 

@@ -440,7 +440,7 @@ def test_packed_bins_follow_corrections_and_empty_buckets(conn):
                         " GROUP BY segset_id, bucket_end) x")
             most, with_deltas = cur.fetchone()
             assert most <= bins.MAX_PARTS and with_deltas > 0, table
-            assert bins.fold_all(cur, table, model.model_id) > 0
+    assert store.fold_score_bins(conn, model, chunk_keys=7) > 0  # several chunks, each committed
     assert store.check_rollup(conn, model) == []
     threshold_sums_equal_numpy()
     stored = bins.read(conn, partials.BIN_TABLES[300], "model_id = %(m)s", {"m": model.model_id})
@@ -515,3 +515,35 @@ def test_a_key_folds_its_delta_rows_at_max_parts(conn):
     labels = np.arange(40) % 2
     assert got["tp"].sum() == ((scores >= 0.3) & (labels == 1)).sum()
     assert got["fp"].sum() == ((scores >= 0.3) & (labels == 0)).sum()
+
+
+def test_the_servers_hourly_upkeep_folds_every_key(clean_db):
+    """maintenance.run_once (what each server process runs once an hour) folds every score-bin
+    key held in several rows into one; the bins still equal a rebuild."""
+    from datasource import db, ingest, maintenance
+    from datasource.records import parse_feedback, parse_predictions
+
+    conn = db.connect(clean_db)
+    try:
+        ingest.register_model(conn, {"name": "m", "threshold": 0.5})
+        model = store.get_model(conn, "m")
+        preds = [{"id": f"p{i}", "ts": T0_MS + 7_000 * i, "score": (i % 97) / 96} for i in range(300)]
+        store.write_predictions(conn, model, parse_predictions(preds, model.task, 10**6))
+        conn.commit()
+        for k in range(3):  # three label batches: up to four rows a key
+            fbs = [{"id": f"p{i}", "ts": T0_MS + 3600_000, "label": i % 2} for i in range(k, 300, 3)]
+            store.write_feedback(conn, model, parse_feedback(fbs, model.task, 10**6))
+            conn.commit()
+
+        def most_rows():
+            with conn.cursor() as cur:
+                cur.execute("SELECT max(c) FROM (SELECT count(*) c FROM score_bins_5m"
+                            " GROUP BY segset_id, bucket_end) x")
+                return cur.fetchone()[0]
+
+        assert most_rows() > 1
+        maintenance.run_once(db.Pool(clean_db, 2), days=0)
+        assert most_rows() == 1
+        assert store.check_rollup(conn, model) == []
+    finally:
+        conn.close()

@@ -306,15 +306,12 @@ def fold(cur, table: str, model_id: int, seg: np.ndarray, bucket: np.ndarray, re
     return removed
 
 
-def fold_all(cur, table: str, model_id: int) -> int:
-    """Fold every key of the model in ``table`` that has more than one row (rows removed)."""
+def multi_row_keys(cur, table: str, model_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segset_id, bucket_end) of every key of the model in ``table`` held in more than one row."""
     found = copy_out(cur.connection, f"SELECT segset_id::int8, bucket_end FROM {table} WHERE model_id = %(m)s"
                                      " GROUP BY segset_id, bucket_end HAVING count(*) > 1",
                      {"m": model_id}, {"s": "int8", "b": "int8"})
-    if not len(found["s"]):
-        return 0
-    cur.execute("SELECT nextval('write_revision')")
-    return fold(cur, table, model_id, found["s"], found["b"], cur.fetchone()[0])
+    return found["s"], found["b"]
 
 
 def _array_literal(values: np.ndarray) -> str:

@@ -152,6 +152,29 @@ def _merge_delta(cur, model: Model, revision: int, rows: deltas.BatchRows) -> No
         bins.merge_levels(cur, BIN_TABLES, model.model_id, deltas.bin_levels(rows), revision)
 
 
+FOLD_CHUNK_KEYS = 2_000  # keys folded per transaction: the model's writers wait for one chunk
+
+
+def fold_score_bins(conn, model: Model, chunk_keys: int = FOLD_CHUNK_KEYS) -> int:
+    """Fold every key of the model's score bins held in more than one row (``bins.fold``), a
+    chunk of keys per transaction under the model's write lock, committing each: the
+    server's hourly upkeep (``maintenance``). Returns the number of rows removed."""
+    if not model.is_classifier:
+        return 0
+    removed = 0
+    for table in BIN_TABLES.values():
+        with conn.cursor() as cur:
+            seg, bucket = bins.multi_row_keys(cur, table, model.model_id)
+        conn.commit()
+        for lo in range(0, len(seg), chunk_keys):
+            with conn.cursor() as cur:
+                revision = _begin_write(cur, model)
+                removed += bins.fold(cur, table, model.model_id, seg[lo:lo + chunk_keys],
+                                     bucket[lo:lo + chunk_keys], revision)
+            conn.commit()
+    return removed
+
+
 def _refuse_before_horizon(horizon, times, what: str) -> None:
     """A 422 naming the first records whose time is before the retention horizon."""
     if horizon is None:
