@@ -59,7 +59,7 @@ def test_migrations_are_recorded_and_idempotent(conn):
         assert [r[0] for r in cur.fetchall()] == ["001_init.sql", "002_rollup.sql", "003_columns_references.sql", "004_no_row_fk_checks.sql",
                                                  "005_partial_set.sql", "006_levels_bins.sql", "007_bins_packed.sql",
                                                      "008_partitions_retention.sql", "009_fillfactor.sql",
-                                                     "010_bins_suffix.sql", "011_bins_parts.sql"]
+                                                     "010_bins_suffix.sql", "011_bins_parts.sql", "012_prediction_room.sql"]
 
 
 def test_same_batch_twice_changes_nothing(conn):
@@ -158,6 +158,13 @@ def test_rollup_equals_rebuild_after_random_mixed_writes(conn):
         assert (got["n_pred"], got["n_lab"], got["tp"]) == (e["n_pred"], e["n_lab"], e["tp"])
         assert got["sum_score"] == pytest.approx(e["sum_score"], rel=1e-9, abs=1e-12)
     assert all(rows[b]["n_pred"] == 0 for b in rows if b not in expect)
+    with conn.cursor() as cur:  # one feedback row per key, and each prediction holds its key's label
+        cur.execute("SELECT output_id, label FROM feedback WHERE model_id = %s", (model.model_id,))
+        feedback = cur.fetchall()
+        cur.execute("SELECT output_id, label FROM predictions WHERE model_id = %s", (model.model_id,))
+        on_predictions = dict(cur.fetchall())
+    assert sorted(feedback) == sorted((k, float(v)) for k, v in truth_label.items())
+    assert on_predictions == {k: (float(truth_label[k]) if k in truth_label else None) for k in truth_pred}
 
 
 def test_rebuild_restores_a_damaged_rollup(conn):

@@ -278,26 +278,53 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
             us_kept = us
         retention.ensure_partitions(cur, "feedback", us_kept)
         params = {"m": model.model_id}
-        matched = binary_copy.copy_out(  # the labeled predictions as they were
-            conn, f"SELECT s.ord::int8, p.ts, p.score, p.segset_id::int8,"
-                  f" coalesce(p.label, 'NaN') FROM stage_feedback s"
-                  f" JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id"
-                  f" WHERE {_STAGED.format('stage_feedback')}",
-            params, {"ord": "int8", **_REPLACED})
         staged = _STAGED.format("stage_feedback")
-        cur.execute(
-            f"""
-            UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage_feedback s
-            WHERE p.model_id = %(m)s AND p.output_id = s.output_id AND {staged};
-            DELETE FROM feedback f WHERE f.model_id = %(m)s AND {staged.replace('p.', 'f.')};
-            INSERT INTO feedback (model_id, output_id, ts, label)
-            SELECT %(m)s, output_id, ts, label FROM stage_feedback
-            """, params)
+        first = binary_copy.copy_out(  # first labels: the rows as they were, but for the label
+            conn, f"UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage_feedback s"
+                  f" WHERE p.model_id = %(m)s AND p.output_id = s.output_id AND {staged}"
+                  f" AND p.label IS NULL RETURNING s.ord::int8, p.ts, p.score, p.segset_id::int8, 'NaN'::float8",
+            params, {"ord": "int8", **_REPLACED})
+        parts = [first]
+        rest = _unlabeled_before(conn, first["ord"], stored)
+        if len(rest):
+            params["rest"] = rest.tolist()
+            rest_staged = "output_id = ANY(ARRAY(SELECT output_id FROM stage_feedback WHERE ord = ANY(%(rest)s)))"
+            parts.append(binary_copy.copy_out(  # corrections: the labeled predictions as they were
+                conn, f"SELECT s.ord::int8, p.ts, p.score, p.segset_id::int8, coalesce(p.label, 'NaN')"
+                      f" FROM stage_feedback s JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id"
+                      f" WHERE s.ord = ANY(%(rest)s) AND p.{rest_staged}",
+                params, {"ord": "int8", **_REPLACED}))
+            cur.execute(
+                f"""
+                UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage_feedback s
+                WHERE p.model_id = %(m)s AND p.output_id = s.output_id AND s.ord = ANY(%(rest)s)
+                  AND p.{rest_staged};
+                DELETE FROM feedback f WHERE f.model_id = %(m)s AND f.{rest_staged};
+                """, params)
+        cur.execute("INSERT INTO feedback (model_id, output_id, ts, label)"
+                    " SELECT %(m)s, output_id, ts, label FROM stage_feedback", params)
+        matched = {k: np.concatenate([part[k] for part in parts]) for k in first}
         old = deltas.BatchRows.of(-1, matched["ts_us"], matched["score"], matched["segset_id"],
                                   matched["label"])
         _merge_delta(cur, model, revision, deltas.BatchRows.concat(
             [old, deltas.BatchRows.of(1, old.ts_us, old.score, old.segset_id, labels[matched["ord"]])]))
     return stored
+
+
+def _unlabeled_before(conn, first_ords: np.ndarray, staged: int) -> np.ndarray:
+    """The staged labels (their ``ord``) that were not a first label of a stored prediction:
+    corrections, and labels that came before their prediction (none, in the common case).
+
+    Why the split: a label is stored on its prediction's row and in ``feedback`` alike (the
+    label a prediction row holds is its key's row in ``feedback``: both are written in the
+    same batch, and a prediction written later copies it), so a prediction still without a
+    label has no ``feedback`` row. Its first label is one UPDATE that returns the row as it
+    was, with no read of the old row before and no ``feedback`` row to delete: the lookup of
+    each key in every weekly partition, done three times per label before, is done once."""
+    if len(first_ords) == staged:
+        return np.empty(0, np.int64)
+    found = binary_copy.copy_out(conn, "SELECT ord::int8 FROM stage_feedback", {}, {"ord": "int8"})
+    return np.setdiff1d(found["ord"], first_ords)
 
 
 def _drop_late_labels(cur, model: Model, horizon) -> int:
