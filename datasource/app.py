@@ -14,7 +14,7 @@ import psycopg2.errors
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from datasource import db, exporter, http, maintenance
+from datasource import db, exporter, http, maintenance, warmup
 from datasource.config import Settings
 from datasource.engine import ComputeTimeout
 from datasource.errors import ClientError
@@ -47,6 +47,7 @@ def create_app(config: dict | None = None) -> Flask:
     exporter.init_app(app)  # GET /metrics for Prometheus, request counters
     maintenance.start(app.extensions["pool"], settings.retention)  # RETENTION; score-bin parts folded
     _register_errors(app)
+    app.extensions["warm_up_ms"] = warmup.run(app)  # the first request's costs paid here
     return app
 
 

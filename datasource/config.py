@@ -29,6 +29,7 @@ class Settings:
     export_config: str | None = None  # EXPORT_CONFIG: YAML of extra SLIs for GET /metrics
     export_window_end: str = "now"  # EXPORT_WINDOW_END: now | latest (each model's last prediction)
     retention: int = 0  # RETENTION: days of raw rows kept (0: all); older weeks dropped hourly
+    warm_up: int = 1  # WARM_UP: 1 answers one small query at start, before the first request
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
