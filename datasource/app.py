@@ -14,7 +14,7 @@ import psycopg2.errors
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from datasource import db, exporter, http, maintenance, warmup
+from datasource import db, engine, exporter, http, maintenance, warmup
 from datasource.config import Settings
 from datasource.engine import ComputeTimeout
 from datasource.errors import ClientError
@@ -31,6 +31,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["settings"] = settings
 
     http.init_app(app)  # NUL in a URL is a 400 on every endpoint
+    engine.RAW_CACHE_STALE_S = float(settings.raw_cache_stale_s)  # the process's raw-path caches
     db.init_app(app, settings)  # pools and the readiness gate: starts with the database down
 
     from datasource import metrics

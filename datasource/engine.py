@@ -329,8 +329,19 @@ def _grouped_bins(df: pd.DataFrame, q: Query) -> dict[str, pd.DataFrame]:
 # ----------------------------------------------------------------------- raw metrics
 
 
+# RAW_CACHE_STALE_S (set by create_app): how long a raw-path value may still be served after
+# a write touched its window. Why: a window that receives writes changes revision at every
+# batch, and every viewer's refresh then recomputed it from raw rows: with 50 viewers of one
+# dashboard and a writer inside its range, the drift ranking (~460 ms of CPU) and the exact
+# ROC AUC's recent windows were recomputed five times a second and the two cores saturated
+# (benchmarks/load.py --live: p50 11 s). A value is recomputed at most once per this many
+# seconds while writes go on, and is exact again as soon as they stop touching its window.
+RAW_CACHE_STALE_S = 0.0
+
+
 class _Cache:
-    """LRU of raw-metric values keyed by (query, point), valid for a write revision."""
+    """LRU of raw-metric values keyed by (query, point), valid for a write revision (or, for
+    RAW_CACHE_STALE_S seconds after it was computed, for a later one)."""
 
     def __init__(self, size: int = 200_000):
         self.size = size
@@ -340,14 +351,14 @@ class _Cache:
     def get(self, key, revision):
         with self._lock:
             hit = self._data.get(key)
-            if hit is None or hit[0] != revision:
+            if hit is None or (hit[0] != revision and time.monotonic() - hit[2] >= RAW_CACHE_STALE_S):
                 return None
             self._data.move_to_end(key)
             return hit
 
     def put(self, key, revision, value) -> None:
         with self._lock:
-            self._data[key] = (revision, value)
+            self._data[key] = (revision, value, time.monotonic())
             self._data.move_to_end(key)
             while len(self._data) > self.size:
                 self._data.popitem(last=False)
@@ -358,6 +369,35 @@ class _Cache:
 
 
 CACHE = _Cache()
+_IN_FLIGHT: dict = {}  # a computation's key -> Event set when it ends (_computed_once)
+_IN_FLIGHT_LOCK = threading.Lock()
+_IN_FLIGHT_WAIT_S = 30.0  # a computation is bounded by its request's budget; this is a backstop
+
+
+def _computed_once(key, lookup, compute):
+    """``lookup()`` (an answer from the caches, or None), else ``compute()``, which fills them;
+    while one request of this process computes ``key``, the others asking for it wait and
+    look up again: the answer it put is theirs too when its revision is theirs or within
+    RAW_CACHE_STALE_S (else they compute in turn).
+
+    Why: after a write, the viewers of a dashboard who asked in the same second each computed
+    the same raw-path panel (benchmarks/load.py --live: the drift table ~460 ms of CPU each)."""
+    while True:
+        found = lookup()
+        if found is not None:
+            return found
+        with _IN_FLIGHT_LOCK:
+            running = _IN_FLIGHT.get(key)
+            if running is None:
+                _IN_FLIGHT[key] = threading.Event()
+        if running is None:
+            break
+        running.wait(_IN_FLIGHT_WAIT_S)
+    try:
+        return compute()
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.pop(key).set()
 
 
 def _window_revisions(conn, q: Query, points: np.ndarray, step: int) -> np.ndarray:
@@ -428,19 +468,35 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
     revisions = _window_revisions(conn, q, points, step)
     key_base = (q.model.model_id, q.metric.name, q.window, q.threshold,
                 q.segset_ids, q.group_by, q.params, step if q.window.kind == windows.TUMBLING else None)
-    todo = np.arange(len(points))
-    vals = np.full(len(points), np.nan)
-    if q.group_by is None:
+    if q.group_by is not None:  # not cached: every point computed
+        return _windowed_rows(q, points, step, deadline, fetch, evaluate, evaluate_windows,
+                              np.arange(len(points)), np.full(len(points), np.nan), key_base, revisions)
+    state = {}
+
+    def lookup():
+        vals = np.full(len(points), np.nan)
         still = []
-        for i in todo:
+        for i in range(len(points)):
             hit = CACHE.get((*key_base, int(points[i])), int(revisions[i]))
             if hit is None:
                 still.append(i)
             else:
                 vals[i] = hit[1]
-        todo = np.asarray(still, dtype=np.int64)
-        if len(todo) == 0:
+        if not still:
             return [Series("", points, vals)]
+        state.update(todo=np.asarray(still, dtype=np.int64), vals=vals)
+        return None
+
+    return _computed_once(("windows", key_base, step, points[0], points[-1], len(points)), lookup,
+                          lambda: _windowed_rows(q, points, step, deadline, fetch, evaluate, evaluate_windows,
+                                                 state["todo"], state["vals"], key_base, revisions))
+
+
+def _windowed_rows(q: Query, points: np.ndarray, step: int, deadline: float | None, fetch, evaluate,
+                   evaluate_windows, todo: np.ndarray, vals: np.ndarray, key_base: tuple,
+                   revisions: np.ndarray) -> list[Series]:
+    """``_windowed``'s computation of the points ``todo`` from raw rows (``vals``: the others'
+    values, from the cache); without group_by each value is cached."""
     need = points[todo]
     rows = fetch(q.window.earliest(int(need[0]), step), int(need[-1]))
     out = []
@@ -600,12 +656,16 @@ def cached_table(conn, q: Query, from_s: float, to_s: float, extra, compute) -> 
     revision = store.range_revision(conn, q.model, lo_s=from_s, hi_s=to_s)
     key = (q.model.model_id, q.metric.name, q.column, q.threshold, q.segset_ids, q.params,
            float(from_s), float(to_s), extra)
-    hit = TABLE_CACHE.get(key, revision)
-    if hit is not None:
-        return copy.deepcopy(hit[1])
-    value = compute()
-    TABLE_CACHE.put(key, revision, copy.deepcopy(value))
-    return value
+    def lookup():
+        hit = TABLE_CACHE.get(key, revision)
+        return None if hit is None else copy.deepcopy(hit[1])
+
+    def fill():
+        value = compute()
+        TABLE_CACHE.put(key, revision, copy.deepcopy(value))
+        return value
+
+    return _computed_once(("table", key), lookup, fill)
 
 
 def drift_table(conn, q: Query, from_s: float, to_s: float, columns_refs: list) -> tuple[list, list]:

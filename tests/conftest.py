@@ -17,6 +17,9 @@ import pytest
 from datasource import create_app, db
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests read their writes back at once: raw-path values exact after every write (servers they
+# start inherit it). test_cache_staleness.py covers the server's default of 10 s.
+os.environ.setdefault("RAW_CACHE_STALE_S", "0")
 TEST_DB = os.environ.get("MLSLI_TEST_DB", "mlsli_test")  # separate runs may share a server
 
 

@@ -288,6 +288,43 @@ def test_drift_ranking_is_cached_until_a_write_touches_its_range(http, data, mon
     assert _close(third["score"], expected("psi", vals, changed["score"], 0.5))
 
 
+def test_viewers_asking_at_once_share_one_computation(app, data, monkeypatch):
+    """Requests of one process for the same table while it is being computed wait for that
+    computation instead of each computing it (cached_table's in-flight entries); all get the
+    same ranking."""
+    import threading
+    import time
+
+    from datasource import engine
+
+    a, b = T0_MS + SPAN_MS // 2, T0_MS + SPAN_MS
+    calls = []
+    real = engine._drift_table
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the other viewers to arrive meanwhile
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_drift_table", slow)
+    body = {"range": {"from": _iso(a), "to": _iso(b)}, "intervalMs": 60_000, "maxDataPoints": 100,
+            "targets": [{"refId": "A", "target": "drift_ranking", "payload": {"model": "m"}}]}
+    answers, start = [], threading.Barrier(4)
+
+    def viewer():
+        client = app.test_client()
+        start.wait()
+        answers.append(client.post("/query", json=body).get_json()[0]["rows"])
+
+    threads = [threading.Thread(target=viewer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4 and all(rows == answers[0] for rows in answers)
+    assert len(calls) == 1
+
+
 def test_single_row_and_empty_windows(http, data):
     preds, _ = data
     first = min(p["ts"] for p in preds)
