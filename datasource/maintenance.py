@@ -29,7 +29,9 @@ def run_once(pool, days: int) -> None:
         if n:
             log.warning("retention (%d days): dropped %d weekly partition(s) of raw rows", days, n)
     with pool.connection() as conn:
-        folded = sum(store.fold_score_bins(conn, m) for m in store.list_models(conn))
+        models = store.list_models(conn)
+        conn.commit()  # no lock on models held through the folds (a TRUNCATE took them in turn)
+        folded = sum(store.fold_score_bins(conn, m) for m in models)
     if folded:
         log.info("folded %d score-bin rows into their keys", folded)
 

@@ -547,3 +547,46 @@ def test_the_servers_hourly_upkeep_folds_every_key(clean_db):
         assert store.check_rollup(conn, model) == []
     finally:
         conn.close()
+
+
+def test_the_hourly_upkeep_holds_no_lock_on_models_while_it_folds(clean_db, monkeypatch):
+    """run_once lists the models, then folds each: a statement that locks the tables in
+    another order meanwhile (the tests' TRUNCATE of every table) is not deadlocked with it.
+    Holding the read lock on ``models`` through the folds did deadlock (measured in the suite)."""
+    import threading
+    import time
+
+    import psycopg2
+
+    from datasource import db, ingest, maintenance
+    from tests.conftest import empty_database
+
+    conn = db.connect(clean_db)
+    ingest.register_model(conn, {"name": "m", "threshold": 0.5})
+    conn.commit()
+    conn.close()
+    real, listed = store.fold_score_bins, threading.Event()
+
+    def fold_later(c, model, **kw):
+        listed.set()
+        time.sleep(0.5)  # the TRUNCATE below starts meanwhile
+        return real(c, model, **kw)
+
+    monkeypatch.setattr(store, "fold_score_bins", fold_later)
+    errors = []
+
+    def upkeep():
+        try:
+            maintenance.run_once(db.Pool(clean_db, 2), days=0)
+        except psycopg2.Error as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=upkeep)
+    thread.start()
+    assert listed.wait(10)
+    try:
+        empty_database(clean_db)
+    except psycopg2.Error as e:
+        errors.append(e)
+    thread.join(10)
+    assert errors == []
