@@ -374,11 +374,12 @@ _IN_FLIGHT_LOCK = threading.Lock()
 _IN_FLIGHT_WAIT_S = 30.0  # a computation is bounded by its request's budget; this is a backstop
 
 
-def _computed_once(key, lookup, compute):
+def _computed_once(key, lookup, compute, deadline: float | None = None):
     """``lookup()`` (an answer from the caches, or None), else ``compute()``, which fills them;
     while one request of this process computes ``key``, the others asking for it wait and
     look up again: the answer it put is theirs too when its revision is theirs or within
-    RAW_CACHE_STALE_S (else they compute in turn).
+    RAW_CACHE_STALE_S (else they compute in turn). A waiter with a ``deadline`` waits no
+    longer than it: ComputeTimeout then, as if it had computed.
 
     Why: after a write, the viewers of a dashboard who asked in the same second each computed
     the same raw-path panel (benchmarks/load.py --live: the drift table ~460 ms of CPU each)."""
@@ -392,7 +393,9 @@ def _computed_once(key, lookup, compute):
                 _IN_FLIGHT[key] = threading.Event()
         if running is None:
             break
-        running.wait(_IN_FLIGHT_WAIT_S)
+        left = _IN_FLIGHT_WAIT_S if deadline is None else min(_IN_FLIGHT_WAIT_S, deadline - time.monotonic())
+        if not running.wait(max(left, 0.0)) and deadline is not None and time.monotonic() > deadline:
+            raise ComputeTimeout("the same panel, computed for another request, ran past this one's time budget")
     try:
         return compute()
     finally:
@@ -489,7 +492,8 @@ def _windowed(conn, q: Query, points: np.ndarray, step: int, deadline: float | N
 
     return _computed_once(("windows", key_base, step, points[0], points[-1], len(points)), lookup,
                           lambda: _windowed_rows(q, points, step, deadline, fetch, evaluate, evaluate_windows,
-                                                 state["todo"], state["vals"], key_base, revisions))
+                                                 state["todo"], state["vals"], key_base, revisions),
+                          deadline)
 
 
 def _windowed_rows(q: Query, points: np.ndarray, step: int, deadline: float | None, fetch, evaluate,

@@ -74,3 +74,37 @@ def test_the_server_default_is_ten_seconds_and_zero_is_always_exact(clean_db, mo
     cache = engine._Cache()
     cache.put("k", 1, 0.5)
     assert cache.get("k", 1) is not None and cache.get("k", 2) is None  # 0: a new revision misses
+
+
+def test_a_waiter_for_a_panel_in_flight_keeps_its_own_deadline():
+    """A request waiting for the same raw panel computed by another gives up at its own
+    deadline (ComputeTimeout, a 503), not when the other computation ends; without a
+    deadline it takes that computation's answer."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    answers = []
+
+    def slow():
+        started.set()
+        release.wait(5)
+        answers.append("computed")
+        return "computed"
+
+    def lookup():
+        return answers[0] if answers else None
+
+    first = threading.Thread(target=lambda: engine._computed_once("k", lookup, slow))
+    first.start()
+    assert started.wait(5)
+    t0 = time.monotonic()
+    with pytest.raises(engine.ComputeTimeout):
+        engine._computed_once("k", lookup, slow, deadline=time.monotonic() + 0.2)
+    assert time.monotonic() - t0 < 1.0
+    late = []
+    waiter = threading.Thread(target=lambda: late.append(engine._computed_once("k", lookup, slow)))
+    waiter.start()
+    release.set()
+    first.join(5)
+    waiter.join(5)
+    assert late == ["computed"] and answers == ["computed"]  # computed once, shared
