@@ -29,7 +29,7 @@ class Settings:
     export_config: str | None = None  # EXPORT_CONFIG: YAML of extra SLIs for GET /metrics
     export_window_end: str = "now"  # EXPORT_WINDOW_END: now | latest (each model's last prediction)
     retention: int = 0  # RETENTION: days of raw rows kept (0: all); older weeks dropped hourly
-    warm_up: int = 1  # WARM_UP: 1 answers one small query at start, before the first request
+    warm_up: int = 1  # WARM_UP: 1 answers one panel-sized query at start, before the first request
     raw_cache_stale_s: int = 10  # RAW_CACHE_STALE_S: a raw-path value written under may be served this long
 
     @classmethod

@@ -287,17 +287,17 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         parts = [first]
         rest = _unlabeled_before(conn, first["ord"], stored)
         if len(rest):
-            params["rest"] = rest.tolist()
-            rest_staged = "output_id = ANY(ARRAY(SELECT output_id FROM stage_feedback WHERE ord = ANY(%(rest)s)))"
+            params["rest"] = bins.array_literal(rest)
+            rest_staged = "output_id = ANY(ARRAY(SELECT output_id FROM stage_feedback WHERE ord = ANY(%(rest)s::int[])))"
             parts.append(binary_copy.copy_out(  # corrections: the labeled predictions as they were
                 conn, f"SELECT s.ord::int8, p.ts, p.score, p.segset_id::int8, coalesce(p.label, 'NaN')"
                       f" FROM stage_feedback s JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id"
-                      f" WHERE s.ord = ANY(%(rest)s) AND p.{rest_staged}",
+                      f" WHERE s.ord = ANY(%(rest)s::int[]) AND p.{rest_staged}",
                 params, {"ord": "int8", **_REPLACED}))
             cur.execute(
                 f"""
                 UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage_feedback s
-                WHERE p.model_id = %(m)s AND p.output_id = s.output_id AND s.ord = ANY(%(rest)s)
+                WHERE p.model_id = %(m)s AND p.output_id = s.output_id AND s.ord = ANY(%(rest)s::int[])
                   AND p.{rest_staged};
                 DELETE FROM feedback f WHERE f.model_id = %(m)s AND f.{rest_staged};
                 """, params)
