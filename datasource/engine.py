@@ -511,7 +511,11 @@ def _windowed_rows(q: Query, points: np.ndarray, step: int, deadline: float | No
         if evaluate_windows is not None:
             for chunk in _batches(todo, lo_idx, hi_idx):
                 _check_deadline(deadline, f"{q.metric.name} over {len(todo)} windows")
-                values[chunk] = evaluate_windows(cols, lo_idx[chunk], hi_idx[chunk])
+                # the chunk's rows only: a batch function's whole-array passes (running counts,
+                # sort keys) cost each chunk the panel's rows, not its own, otherwise
+                a, b = int(lo_idx[chunk].min()), int(hi_idx[chunk].max())
+                values[chunk] = evaluate_windows({c: v[a:b] for c, v in cols.items()},
+                                                 lo_idx[chunk] - a, hi_idx[chunk] - a)
                 if q.group_by is None:
                     for i in chunk:
                         CACHE.put((*key_base, int(points[i])), int(revisions[i]), values[i])

@@ -332,32 +332,84 @@ def _window_counts(y_true: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray):
 
 def windowed_roc_auc(y_true: np.ndarray, y_score: np.ndarray, lo_idx: np.ndarray,
                      hi_idx: np.ndarray) -> np.ndarray:
-    """``roc_auc`` of the rows [lo, hi) of each window, the windows' rows ranked once
-    (``_RankedPieces``): the Mann-Whitney count (a positive above a negative counts 1, a tie
-    1/2) from the positions of the positives in each window's merge. Integers until the one
-    division per window: exact, as ``roc_auc``."""
+    """``roc_auc`` of the rows [lo, hi) of each window: the Mann-Whitney count (a positive
+    above a negative counts 1, a tie 1/2) from the positions of the positives in the window's
+    rows in score order (``_SlidingOrder``), integers until the one division per window: exact,
+    as ``roc_auc``."""
     lo_idx, hi_idx = np.asarray(lo_idx, dtype=np.int64), np.asarray(hi_idx, dtype=np.int64)
     values = np.full(len(lo_idx), np.nan)
     n_pos, n_neg = _window_counts(y_true, lo_idx, hi_idx)
     defined = np.flatnonzero((n_pos > 0) & (n_neg > 0))
     if len(defined) == 0:
         return values
-    ranked = _RankedPieces(y_true, y_score, lo_idx[defined], hi_idx[defined])
+    order = _SlidingOrder(_order_keys(y_score) * 2 + (y_true == 1))
     positions = np.arange(int((hi_idx - lo_idx)[defined].max()), dtype=np.int64)
     for k in defined:
-        rows = ranked.window(lo_idx[k], hi_idx[k])
-        is_positive = rows & 1
+        rows = order.window(int(lo_idx[k]), int(hi_idx[k]))
         p, n = int(n_pos[k]), int(n_neg[k])
         # negatives at or below each positive, summed: its position minus the positives before it
-        at_or_below = int(np.dot(is_positive, positions[:len(rows)])) - p * (p - 1) // 2
-        twice = 2 * at_or_below
-        if ranked.ties:  # a tie counts 1/2, not 1: its pairs are the positives x negatives of each score
-            rank = rows >> 1
-            starts = np.flatnonzero(np.concatenate(([True], rank[1:] != rank[:-1])))
-            run_positives = np.add.reduceat(is_positive, starts)
-            twice -= int(np.dot(run_positives, np.diff(np.append(starts, len(rows))) - run_positives))
-        values[k] = twice / (2 * p * n)
+        at_or_below = int(np.dot(rows & 1, positions[:len(rows)])) - p * (p - 1) // 2
+        values[k] = (2 * at_or_below - _tied_pairs(rows)) / (2 * p * n)
     return values
+
+
+def _order_keys(y_score: np.ndarray) -> np.ndarray:
+    """Non-negative int64 keys below 2**62 in the order of the scores (equal scores, equal
+    keys). Scores in [0, 1], as a classifier's are: their IEEE-754 bits, which order
+    non-negative doubles as their values (no sort: a dense ranking took 130 ms of a 7-day
+    panel's 2.3M rows at 10M predictions). Other scores: their dense ranks."""
+    scores = np.asarray(y_score, dtype=np.float64)
+    if len(scores) and scores.min() >= 0.0 and scores.max() <= 1.0:
+        return (scores + 0.0).view(np.int64)  # + 0.0: -0.0 becomes 0.0, the same key
+    return _dense_ranks(scores)
+
+
+def _tied_pairs(rows: np.ndarray) -> int:
+    """Pairs of a positive and a negative with the same score among ``rows`` (score order,
+    keys 2 score + positive): where a negative's key is followed by the next key, the run of
+    negatives of that score ends and its run of positives begins."""
+    meets = np.flatnonzero((rows[1:] - rows[:-1] == 1) & ((rows[:-1] & 1) == 0))
+    if len(meets) == 0:
+        return 0
+    negatives = meets + 1 - np.searchsorted(rows, rows[meets], "left")
+    positives = np.searchsorted(rows, rows[meets] + 1, "right") - meets - 1
+    return int(np.dot(negatives, positives))
+
+
+class _SlidingOrder:
+    """The rows [lo, hi) of successive windows in key order, each window's order made from the
+    previous one: the rows that left removed, the rows that came merged in (a stable sort of
+    two sorted runs is a linear merge). Why: a 7-day panel of 1-hour windows at a 5-minute
+    step has 2,016 windows, each sharing 11/12 of its rows with the one before; sorting each
+    anew was most of its request. A window that does not move forward from the last one, or
+    shares less than half its rows with it, is sorted anew."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+        self.lo = self.hi = 0
+        self.rows = keys[:0]
+
+    def window(self, lo: int, hi: int) -> np.ndarray:
+        moved = (lo - self.lo) + (hi - self.hi)
+        if self.lo <= lo <= self.hi <= hi and moved < hi - lo:
+            rows = _remove_sorted(self.rows, np.sort(self.keys[self.lo:lo]))
+            rows = np.sort(np.concatenate((rows, self.keys[self.hi:hi])), kind="stable")
+        else:
+            rows = np.sort(self.keys[lo:hi])
+        self.lo, self.hi, self.rows = lo, hi, rows
+        return rows
+
+
+def _remove_sorted(rows: np.ndarray, gone: np.ndarray) -> np.ndarray:
+    """The sorted multiset ``rows`` without ``gone`` (sorted, each of its values in ``rows``)."""
+    if len(gone) == 0:
+        return rows
+    at = np.searchsorted(rows, gone, "left")
+    if (gone[1:] == gone[:-1]).any():  # the k-th of equal keys is k places further
+        at += np.arange(len(gone)) - np.searchsorted(gone, gone, "left")
+    keep = np.ones(len(rows), dtype=bool)
+    keep[at] = False
+    return rows[keep]
 
 
 def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:

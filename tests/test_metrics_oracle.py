@@ -272,8 +272,13 @@ def test_merged_partials_equal_metric_of_union(conn):
 
 
 def _random_scores(rng, n: int):
-    """Scores with every kind of tie: continuous, rounded, a few values with exact 0 and 1, all equal."""
-    kind = int(rng.integers(0, 5))
+    """Scores with every kind of tie: continuous, rounded, a few values with exact 0 and 1, all
+    equal, -0.0 beside 0.0 (equal scores), and scores outside [0, 1] (logits: ranked otherwise)."""
+    kind = int(rng.integers(0, 7))
+    if kind == 5:
+        return rng.choice([-0.0, 0.0, 0.25, 1.0], n)
+    if kind == 6:
+        return np.round(rng.normal(0.0, 3.0, n), int(rng.integers(0, 3)))
     if kind == 0:
         return rng.random(n)
     if kind == 1:

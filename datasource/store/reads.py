@@ -307,7 +307,10 @@ def _copy_out(conn, sql: str, params: dict, names: list[str]) -> pd.DataFrame:
     kinds = {n: "int8" if n in INT8_COLUMNS else "timestamptz" if n in TIMESTAMP_COLUMNS else "float8"
              for n in names}
     columns = copy_out(conn, sql, params, kinds)
-    return pd.DataFrame({n: _epoch_s(v) if n in TIMESTAMP_COLUMNS else v for n, v in columns.items()})
+    # copy=False: the arrays are this call's own; consolidating them into one block copied
+    # every value (54 ms of the 2.3M rows of a 7-day panel at 10M predictions)
+    return pd.DataFrame({n: _epoch_s(v) if n in TIMESTAMP_COLUMNS else v for n, v in columns.items()},
+                        copy=False)
 
 
 INT8_COLUMNS = frozenset({"segset_id", "bucket_end", "bin", "revision"})  # the rest are float8
