@@ -294,35 +294,6 @@ def _dense_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-class _RankedPieces:
-    """Time-sorted rows cut at the windows' bounds into pieces (every window is then a run of
-    whole pieces), each piece sorted once by score rank: a window's rows in score order are a
-    merge of its sorted pieces, which a stable sort (timsort) does in linear time per piece.
-
-    Why: a 7-day panel of 1-hour windows at a 5-minute step has 2,016 windows, each sharing
-    11/12 of its rows with the next; sorting every window anew was most of its request.
-    A row is 2 rank + 1 for a positive (+ 0 for a negative): a positive comes after the
-    negatives of its score. Memory O(rows).
-    """
-
-    def __init__(self, y_true: np.ndarray, y_score: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray):
-        bounds = np.unique(np.concatenate([lo_idx, hi_idx]))
-        self.first = int(bounds[0])
-        positive = y_true[self.first:bounds[-1]] == 1
-        ranks = _dense_ranks(y_score[self.first:bounds[-1]])
-        n_ranks = int(ranks.max()) + 1
-        # the pieces' keys offset so that they never interleave: the sort stays within pieces
-        piece_offset = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64) * 2 * n_ranks, np.diff(bounds))
-        self.rows = np.sort(2 * ranks + positive + piece_offset, kind="stable") - piece_offset
-        ranks_of_positives = np.zeros(n_ranks, dtype=bool)
-        ranks_of_positives[ranks[positive]] = True
-        self.ties = bool(ranks_of_positives[ranks[~positive]].any())  # a positive and a negative share a score
-
-    def window(self, lo: int, hi: int) -> np.ndarray:
-        """The rows [lo, hi) (a run of whole pieces) in ascending score order."""
-        return np.sort(self.rows[lo - self.first:hi - self.first], kind="stable")
-
-
 def _window_counts(y_true: np.ndarray, lo_idx: np.ndarray, hi_idx: np.ndarray):
     """(positives, negatives) of each window [lo, hi), from one running count."""
     positives_before = np.concatenate(([0], np.cumsum(y_true == 1)))
@@ -366,7 +337,7 @@ def _order_keys(y_score: np.ndarray) -> np.ndarray:
 
 def _tied_pairs(rows: np.ndarray) -> int:
     """Pairs of a positive and a negative with the same score among ``rows`` (score order,
-    keys 2 score + positive): where a negative's key is followed by the next key, the run of
+    keys 2 x score key + 1 if positive): where a negative's key is followed by the next key, the run of
     negatives of that score ends and its run of positives begins."""
     meets = np.flatnonzero((rows[1:] - rows[:-1] == 1) & ((rows[:-1] & 1) == 0))
     if len(meets) == 0:
@@ -436,17 +407,17 @@ def _precision_steps_area(y_desc: np.ndarray, s_desc: np.ndarray, n_pos: int) ->
 
 def windowed_average_precision(y_true: np.ndarray, y_score: np.ndarray, lo_idx: np.ndarray,
                                hi_idx: np.ndarray) -> np.ndarray:
-    """``average_precision`` of the rows [lo, hi) of each window, the windows' rows ranked once
-    (``_RankedPieces``): the same steps over each window's merge, read from the top."""
+    """``average_precision`` of the rows [lo, hi) of each window, each window's rows in score
+    order made from the previous one's (``_SlidingOrder``): the same steps, read from the top."""
     lo_idx, hi_idx = np.asarray(lo_idx, dtype=np.int64), np.asarray(hi_idx, dtype=np.int64)
     values = np.full(len(lo_idx), np.nan)
     n_pos, _ = _window_counts(y_true, lo_idx, hi_idx)
     defined = np.flatnonzero(n_pos > 0)
     if len(defined) == 0:
         return values
-    ranked = _RankedPieces(y_true, y_score, lo_idx[defined], hi_idx[defined])
+    order = _SlidingOrder(_order_keys(y_score) * 2 + (y_true == 1))
     for k in defined:
-        rows = ranked.window(lo_idx[k], hi_idx[k])[::-1]
+        rows = order.window(int(lo_idx[k]), int(hi_idx[k]))[::-1]
         values[k] = _precision_steps_area(rows & 1, rows >> 1, int(n_pos[k]))
     return values
 
