@@ -90,12 +90,6 @@ def epoch_us(times: Iterable[datetime]) -> np.ndarray:
     return pd.to_datetime(list(times), utc=True).as_unit("us").asi8
 
 
-def iso_utc(us: np.ndarray) -> list[str]:
-    """Times in µs since the epoch as ISO-8601 UTC text to the microsecond (for COPY)."""
-    return np.datetime_as_string(np.asarray(us, np.int64).astype("datetime64[us]"), unit="us",
-                                 timezone="UTC").tolist()
-
-
 def parse_ts(value: object) -> datetime:
     """An event time: ISO-8601 (naive means UTC) or epoch milliseconds, as aware UTC.
 

@@ -270,3 +270,31 @@ def test_raw_reads_give_the_written_rows_and_times_to_the_bit(conn):
     assert list(labeled.columns) == ["ts_s", "score", "label"] and len(labeled) == 4 * 20
     np.testing.assert_array_equal(labeled.to_numpy(),
                                   rows.loc[~rows["label"].isna(), ["ts_s", "score", "label"]].to_numpy())
+
+
+def test_ids_and_features_reach_the_tables_as_sent(conn):
+    """Write batches are staged by binary COPY, their texts laid out by byte offsets: ids and
+    feature names with quotes, commas, backslashes, newlines, tabs and non-ASCII characters (2-,
+    3- and 4-byte UTF-8) come back from the tables as they were sent, and so do the times."""
+    model = _register(conn)
+    rng = np.random.default_rng(8)
+    alphabet = ['a', 'Z', '0', ',', '"', "'", '\\', '\n', '\t', ' ', 'é', '€', '😀', '\u2028', '{', '}']
+    sent = {}
+    for batch in range(3):
+        recs = []
+        for i in range(200):
+            oid = f"{batch}-{i}-" + "".join(rng.choice(alphabet, int(rng.integers(0, 12))))
+            name = "f" + "".join(rng.choice(alphabet, int(rng.integers(0, 5))))
+            ts = T0 + timedelta(microseconds=int(rng.integers(0, 10 * 86400 * 10**6)))
+            recs.append({"id": oid, "ts": ts.isoformat(), "score": float(rng.random()),
+                         "features": {name: float(rng.normal())} if i % 3 else {}})
+            sent[oid] = (ts, recs[-1]["features"])
+        _write(conn, "p", recs)
+        _write(conn, "f", [{"id": r["id"], "ts": sent[r["id"]][0].isoformat(), "label": 1} for r in recs[::2]])
+    with conn.cursor() as cur:
+        cur.execute("SELECT output_id, ts, features FROM predictions WHERE model_id = %s", (model.model_id,))
+        stored = {oid: (ts, features) for oid, ts, features in cur.fetchall()}
+        cur.execute("SELECT output_id FROM feedback WHERE model_id = %s", (model.model_id,))
+        labeled = {r[0] for r in cur.fetchall()}
+    assert stored == sent
+    assert labeled == {oid for k, oid in enumerate(sent) if k % 200 % 2 == 0}

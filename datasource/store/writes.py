@@ -7,15 +7,13 @@ the rollup always equals a rebuild from raw rows (``rebuild_rollup`` / ``check_r
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
 from datasource.errors import ClientError
-from datasource.records import FeedbackRows, PredictionRows, epoch_us, iso_utc
+from datasource.records import FeedbackRows, PredictionRows, epoch_us
 from datasource.store import binary_copy, bins, deltas, retention
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
@@ -98,13 +96,6 @@ def check_schema(conn) -> None:
 
 
 # --------------------------------------------------------------------------- writes
-
-
-def _copy_rows(cur, table: str, columns: str, rows: Iterable[Sequence]) -> None:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    buf.seek(0)
-    cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)", buf)
 
 
 def _begin_write(cur, model: Model) -> int:
@@ -212,9 +203,10 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
         binary_copy.staging_table(cur, "stage_predictions", "ord int, output_id text, ts timestamptz,"
                                   " score double precision, segset_id int, features jsonb,"
                                   " label double precision, label_ts timestamptz")
-        _copy_rows(cur, "stage_predictions", "ord, output_id, ts, score, segset_id, features",
-                   zip(range(len(keep)), last, iso_utc(us), scores.tolist(), segsets.tolist(),
-                       [rows.features_json[i] for i in keep], strict=True))
+        binary_copy.copy_in(cur, "stage_predictions", {
+            "ord": ("int4", np.arange(len(keep))), "output_id": ("text", list(last)),
+            "ts": ("timestamptz", us), "score": ("float8", scores), "segset_id": ("int4", segsets),
+            "features": ("jsonb", [rows.features_json[i] for i in keep])})
         # Without statistics on the temp table the planner hash-joins all of predictions
         # (measured: 1.91 s -> 1.05 s for a 50K batch on a 1M-row table).
         cur.execute("ANALYZE stage_predictions")
@@ -267,8 +259,9 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         revision = _begin_write(cur, model)
         binary_copy.staging_table(cur, "stage_feedback", "ord int, output_id text, ts timestamptz,"
                                   " label double precision")
-        _copy_rows(cur, "stage_feedback", "ord, output_id, ts, label",
-                   zip(range(len(keep)), last, iso_utc(us), labels.tolist(), strict=True))
+        binary_copy.copy_in(cur, "stage_feedback", {
+            "ord": ("int4", np.arange(len(keep))), "output_id": ("text", list(last)),
+            "ts": ("timestamptz", us), "label": ("float8", labels)})
         cur.execute("ANALYZE stage_feedback")
         stored = len(last)
         if horizon is not None:
