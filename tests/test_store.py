@@ -298,3 +298,23 @@ def test_ids_and_features_reach_the_tables_as_sent(conn):
         labeled = {r[0] for r in cur.fetchall()}
     assert stored == sent
     assert labeled == {oid for k, oid in enumerate(sent) if k % 200 % 2 == 0}
+
+
+def test_the_same_segments_in_any_key_order_are_one_segment_set(conn):
+    """Segment sets are found by each record's segments as written, then by their canonical
+    text: the same pairs in another order, in the same batch or a later one, are one set;
+    other values, or a value in another key, are another."""
+    model = _register(conn)
+    same = [{"borough": "Queens", "vendor": "1", "zone": "é 😀"}, {"zone": "é 😀", "vendor": "1", "borough": "Queens"},
+            {"vendor": "1", "zone": "é 😀", "borough": "Queens"}]
+    other = [{"borough": "1", "vendor": "Queens", "zone": "é 😀"}, {"borough": "Queens", "vendor": "1"}, {}]
+    for batch in range(2):
+        _write(conn, "p", [{"id": f"{batch}-{i}", "ts": T0.isoformat(), "score": 0.5, "segments": s}
+                           for i, s in enumerate(same + other)])
+    sets = store.segment_sets(conn, model.model_id)
+    assert sorted(map(len, sets.values())) == [0, 2, 3, 3]
+    (queens,) = [k for k, segments in sets.items() if segments == same[0]]
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM predictions WHERE model_id = %s AND segset_id = %s",
+                    (model.model_id, queens))
+        assert cur.fetchone()[0] == 6
