@@ -357,7 +357,7 @@ def _instrument(t: _Timers) -> None:
     t.wrap(records, "parse_feedback", "validate")
     t.wrap(ingest, "require_model", "model lookup")
     t.wrap(writes, "_segset_ids", "segment ids")
-    t.wrap(writes, "_copy_rows", "COPY")
+    t.wrap(writes.binary_copy, "copy_in", "COPY")  # the staged rows and the rollup deltas
     from datasource import db, store
 
     for name in ("write_predictions", "write_feedback"):  # ingest.write_rows calls store.<name>
