@@ -130,7 +130,7 @@ def segment_sets(conn, model_id: int) -> dict[int, dict]:
         return dict(cur.fetchall())
 
 
-_ENCODE = msgspec.json.Encoder().encode
+_ENCODE = msgspec.json.Encoder(enc_hook=str).encode  # a str subclass (numpy.str_) as its text
 
 
 def _segset_ids(conn, model_id: int, segments: list[dict]) -> list[int]:
