@@ -359,14 +359,23 @@ class _SlidingOrder:
         self.keys = keys
         self.lo = self.hi = 0
         self.rows = keys[:0]
+        self.sorted_runs: dict[tuple[int, int], np.ndarray] = {}  # rows that came in, sorted
 
     def window(self, lo: int, hi: int) -> np.ndarray:
         moved = (lo - self.lo) + (hi - self.hi)
         if self.lo <= lo <= self.hi <= hi and moved < hi - lo:
-            rows = _remove_sorted(self.rows, np.sort(self.keys[self.lo:lo]))
-            rows = np.sort(np.concatenate((rows, self.keys[self.hi:hi])), kind="stable")
+            # what leaves is, on a regular sliding panel, a run that came in earlier
+            gone = self.sorted_runs.pop((self.lo, lo), None)
+            rows = _remove_sorted(self.rows, np.sort(self.keys[self.lo:lo]) if gone is None else gone)
+            came = np.sort(self.keys[self.hi:hi])
+            rows = np.sort(np.concatenate((rows, came)), kind="stable")  # two runs: a merge
+            if len(came):
+                self.sorted_runs[(self.hi, hi)] = came
+            for run in [r for r in self.sorted_runs if r[0] < lo]:  # left the window otherwise
+                del self.sorted_runs[run]
         else:
             rows = np.sort(self.keys[lo:hi])
+            self.sorted_runs.clear()
         self.lo, self.hi, self.rows = lo, hi, rows
         return rows
 
