@@ -208,6 +208,10 @@ class Pool:
         if not self._pool.closed:  # the reads' share closes the same pool
             self._pool.closeall()
 
+    @property
+    def closed(self) -> bool:
+        return bool(self._pool.closed)
+
 
 class ReadShare:
     """The reads' share of a pool: at most ``limit`` of its connections at once.

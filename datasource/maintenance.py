@@ -44,6 +44,8 @@ def start(pool, days: int, stop: threading.Event | None = None) -> threading.Thr
         delay = FIRST_DELAY_S
         while not stop.wait(delay):
             delay = INTERVAL_S
+            if pool.closed:  # the app was closed (a test's, a reloaded one's): nothing to keep
+                return
             try:
                 run_once(pool, days)
             except Exception as e:  # the next hour tries again

@@ -590,3 +590,28 @@ def test_the_hourly_upkeep_holds_no_lock_on_models_while_it_folds(clean_db, monk
         errors.append(e)
     thread.join(10)
     assert errors == []
+
+
+def test_the_upkeep_thread_of_a_closed_app_stops_without_a_word(clean_db, monkeypatch, caplog):
+    """A server process's upkeep thread whose pool was closed (an app closed by a test, or
+    replaced) ends at its next round instead of logging that the upkeep failed; while the pool
+    is open, a failing round is logged and the thread goes on."""
+    import logging
+    import threading
+
+    from datasource import db, maintenance
+
+    monkeypatch.setattr(maintenance, "FIRST_DELAY_S", 0.05)
+    monkeypatch.setattr(maintenance, "INTERVAL_S", 0.05)
+    rounds = []
+    monkeypatch.setattr(maintenance, "run_once", lambda pool, days: rounds.append(1) or 1 / 0)
+    pool = db.Pool(clean_db, 1)
+    with caplog.at_level(logging.WARNING, logger=maintenance.log.name):
+        thread = maintenance.start(pool, days=0, stop=threading.Event())
+        while len(rounds) < 2:
+            thread.join(0.05)
+        pool.close()
+        thread.join(5)
+    assert not thread.is_alive()
+    failed = [r for r in caplog.records if "store upkeep failed" in r.getMessage()]
+    assert len(failed) == len(rounds) >= 2  # the rounds before the close, and none after
