@@ -1,4 +1,4 @@
-"""A worker answers one small query before it takes requests (WARM_UP=1, the default).
+"""A worker answers one panel-sized query before it takes requests (WARM_UP=1, the default).
 
 Why: the first request of a fresh process paid 30–50 ms more than the next ones, whatever it
 asked (measured at 10M predictions, in-process: a binned ROC AUC panel 75–91 ms, then 33–39 ms

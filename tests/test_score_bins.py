@@ -542,7 +542,9 @@ def test_the_servers_hourly_upkeep_folds_every_key(clean_db):
                 return cur.fetchone()[0]
 
         assert most_rows() > 1
-        maintenance.run_once(db.Pool(clean_db, 2), days=0)
+        pool = db.Pool(clean_db, 2)
+        maintenance.run_once(pool, days=0)
+        pool.close()
         assert most_rows() == 1
         assert store.check_rollup(conn, model) == []
     finally:
@@ -576,10 +578,13 @@ def test_the_hourly_upkeep_holds_no_lock_on_models_while_it_folds(clean_db, monk
     errors = []
 
     def upkeep():
+        pool = db.Pool(clean_db, 2)
         try:
-            maintenance.run_once(db.Pool(clean_db, 2), days=0)
+            maintenance.run_once(pool, days=0)
         except psycopg2.Error as e:
             errors.append(e)
+        finally:
+            pool.close()
 
     thread = threading.Thread(target=upkeep)
     thread.start()
@@ -608,7 +613,9 @@ def test_the_upkeep_thread_of_a_closed_app_stops_without_a_word(clean_db, monkey
     pool = db.Pool(clean_db, 1)
     with caplog.at_level(logging.WARNING, logger=maintenance.log.name):
         thread = maintenance.start(pool, days=0, stop=threading.Event())
-        while len(rounds) < 2:
+        for _ in range(200):  # two rounds, or 10 s
+            if len(rounds) >= 2:
+                break
             thread.join(0.05)
         pool.close()
         thread.join(5)
