@@ -5,7 +5,7 @@ panel reads hundreds of thousands of raw rows. In binary COPY every non-null int
 field has the same width, so a whole result is one numpy structured array: no text is
 formatted or parsed, no Python object per value (several times faster than tuples or CSV).
 Non-null columns only (callers ``coalesce`` a NULL to NaN in SQL); out, fixed-width ones; in,
-also text and jsonb (a write batch's ids and features), laid out by offsets.
+also text and jsonb (a write batch's ids and features), joined row by row.
 """
 
 from __future__ import annotations
