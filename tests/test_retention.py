@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from datasource import db, records, store
+from datasource import db, ingest, records, store
 from datasource.errors import ClientError
 from datasource.store import retention
 
@@ -204,3 +204,45 @@ def test_retention_and_writers_take_turns_at_the_horizon(loaded, clean_db):
     assert store.table_counts(writer, model)["predictions"] == int((loaded["ts"] >= W0_MS + 21 * DAY_MS).sum())
     writer.close()
     dropper.close()
+
+
+def test_two_models_open_the_same_week_at_once(clean_db):
+    """Writers of two models (two locks) both need a new week: the second waits for the
+    first's partition, then writes into it. (Migration 014 also lets the second go on when
+    its backend's catalog still missed the partition and CREATE TABLE found it: seen once
+    with two connections writing one week; this order of events does not force that.)"""
+    first, second = db.connect(clean_db), db.connect(clean_db)
+    models = [ingest.register_model(c, {"name": name, "task": "regression"})[0]
+              for c, name in ((first, "a"), (second, "b"))]
+    first.commit()
+    second.commit()
+    week = W0_MS + 7 * DAY_MS
+    assert not any(p.endswith("20200213") for p in store.partitions(first, "predictions"))
+
+    def rows(prefix: str):
+        return records.parse_predictions([{"id": f"{prefix}{i}", "ts": week + i * 60_000, "score": 0.5}
+                                          for i in range(10)], "regression", 10)
+
+    assert store.write_predictions(first, models[0], rows("a")) == 10  # makes the week, uncommitted
+    out: dict = {}
+
+    def write_second():
+        try:
+            out["value"] = store.write_predictions(second, models[1], rows("b"))
+            second.commit()
+        except Exception as e:  # noqa: BLE001 - handed to the test thread
+            out["error"] = e
+            second.rollback()
+
+    t = threading.Thread(target=write_second, daemon=True)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive(), "the second writer did not wait for the first's partition"
+    first.commit()
+    t.join(30)
+    assert out == {"value": 10}, out
+    with first.cursor() as cur:
+        cur.execute("SELECT model_id, count(*) FROM predictions_p20200213 GROUP BY 1 ORDER BY 1")
+        assert cur.fetchall() == [(models[0].model_id, 10), (models[1].model_id, 10)]
+    first.close()
+    second.close()
