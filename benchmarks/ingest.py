@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
+import numpy as np
 import psycopg2.extensions
 from tqdm import tqdm
 
@@ -57,13 +58,20 @@ LOAD = common.OtherLoad()
 QUIET_WAIT = [30.0]  # --quiet-wait
 
 
-def _phase(label: str, write, records: list[dict], batch: int, senders: int = 1) -> dict:
-    """Write ``records`` in batches through ``write(batch_records)``; time each call."""
+def _phase(label: str, write, records: list[dict], batch: int, senders: int = 1,
+           one_call: bool = False) -> dict:
+    """Write ``records`` in batches through ``write(k, batch_records)``; time each call.
+
+    ``one_call``: all records in one ``write(0, records)`` (an iterator the client cuts into
+    batches itself, as a backfill calls it); the "batch" times are then the intervals between
+    the client taking one batch's first record and the next's."""
     bounds = [(lo, min(lo + batch, len(records))) for lo in range(0, len(records), batch)]
     latencies: list[float] = [0.0] * len(bounds)
     bar = tqdm(total=len(records), desc=label, unit="rows", unit_scale=True, leave=False,
                file=sys.stderr, mininterval=0.5, disable=None)
     lock = threading.Lock()
+    if one_call:
+        return _one_call(label, write, records, bounds, bar)
 
     def run(k: int) -> None:
         lo, hi = bounds[k]
@@ -146,19 +154,21 @@ def _print_statements(label: str, phase: dict, seconds: dict[str, float], top: i
 
 
 def run_bulk(server: str, data: common.Synthetic, batch: int, check: bool,
-             statements: int = 0) -> list[dict]:
+             statements: int = 0, writers: int = 2) -> list[dict]:
     url = common.fresh_database(server, DB_NAME)
     preds, fbs = _records(data)
     times = _StatementTimes()
-    with Client.local(database_url=url, batch_size=batch) as client:
+    with Client.local(database_url=url, batch_size=batch, writers=writers) as client:
         client.register_model(common.MODEL)
         if statements:
-            client._t.conn.cursor_factory = times.cursor
+            for conn in client._t.conns:
+                conn.cursor_factory = times.cursor
         out, split = [], []
         for label, write, recs in (("bulk predictions", client.write_predictions, preds),
                                    ("bulk feedback", client.write_feedback, fbs)):
             times.take()
-            out.append(_phase(label, lambda k, b, write=write: write(common.MODEL, b), recs, batch))
+            out.append(_phase(f"{label} ({writers} writer{'s' if writers > 1 else ''})",
+                              lambda k, b, write=write: write(common.MODEL, b), recs, batch, one_call=True))
             split.append(times.take())
     for phase, seconds in zip(out, split, strict=True) if statements else ():
         _print_statements(phase["label"], phase, seconds, statements)
@@ -469,6 +479,31 @@ def run_profile(server: str, data: common.Synthetic, batch: int, n_batches: int,
     return rows
 
 
+def _one_call(label: str, write, records: list[dict], bounds, bar) -> dict:
+    taken: list[float] = []
+
+    def feed():
+        for lo, hi in bounds:
+            taken.append(time.perf_counter())
+            yield from records[lo:hi]
+            bar.update(hi - lo)
+
+    LOAD.wait_quiet(QUIET_WAIT[0])
+    mark = LOAD.now()
+    t0 = time.perf_counter()
+    try:
+        n = write(0, feed())
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+    if n != len(records):
+        raise RuntimeError(f"{label}: wrote {n} of {len(records)} records")
+    intervals = np.diff(taken + [t0 + wall]).tolist()
+    return {"label": label, "rows": len(records), "seconds": wall, "batches": len(bounds),
+            "others": LOAD.cores(mark, LOAD.now()), "batch_size": bounds[0][1] - bounds[0][0] if bounds else 0,
+            "p50": common.pct(intervals, 50), "p95": common.pct(intervals, 95)}
+
+
 def _rows(results: list[dict], total_label: str) -> list[list[str]]:
     rows = []
     for r in results:
@@ -487,6 +522,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=1_000_000, help="predictions (default 1,000,000)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--bulk-batch", type=int, default=50_000, help="records per bulk transaction")
+    ap.add_argument("--bulk-writers", type=lambda v: [int(x) for x in v.split(",")], default=[2],
+                    metavar="N[,N…]", help="Client.local(writers=N) for the bulk path; several: one "
+                                          "bulk run each, in this order (default 2)")
     ap.add_argument("--http-batch", type=int, default=1_000, help="records per HTTP request")
     ap.add_argument("--http-senders", type=int, default=1, help="concurrent HTTP senders")
     ap.add_argument("--skip-bulk", action="store_true")
@@ -516,10 +554,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     LOAD.start()
     try:
-        if not args.skip_bulk:
+        for writers in () if args.skip_bulk else args.bulk_writers:
             bulk = run_bulk(server, data, args.bulk_batch, check=not args.no_check,
-                            statements=args.statements)
-            results.extend(_rows(bulk, "bulk total"))
+                            statements=args.statements, writers=writers)
+            results.extend(_rows(bulk, f"bulk total ({writers} writer{'s' if writers > 1 else ''})"))
         cpu_rows = []
         if not args.skip_http and args.compare_parse:
             paired = run_http_paired(server, data, args.http_batch)

@@ -17,9 +17,11 @@ nothing of the server (Flask, pandas, numpy, psycopg2) is imported until
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import islice
 
@@ -61,9 +63,11 @@ class Client:
 
     @classmethod
     def local(cls, database_url: str | None = None, data_dir: str | None = None,
-              batch_size: int = 50_000) -> Client:
+              batch_size: int = 50_000, writers: int = 2) -> Client:
+        """``writers``: connections that write consecutive batches at once (``_Local.write_all``);
+        two keep both cores of a 2-core machine busy."""
         settings = Settings.from_env(database_url=database_url, data_dir=data_dir)
-        return cls(_Local(settings, batch_size))
+        return cls(_Local(settings, batch_size, writers))
 
     @classmethod
     def remote(cls, base_url: str, token: str | None = None, batch_size: int = 5_000,
@@ -151,23 +155,48 @@ def stop_embedded() -> None:
     db.stop_embedded()
 
 
+DEADLOCK_RETRIES = 3  # a local write transaction PostgreSQL aborted to break a deadlock is sent again
+# The interpreter's GIL switch interval while the bulk client writes (the default is 5 ms).
+# psycopg2 takes the GIL back for every row a COPY returns and every chunk it sends; while
+# another of the client's threads computes, each of those waits up to the interval: a
+# 50,000-label batch returns 50,000 rows. See write_all.
+BULK_SWITCH_INTERVAL_S = 0.0005
+
+
 class _Local:
-    def __init__(self, settings: Settings, batch_size: int):
+    def __init__(self, settings: Settings, batch_size: int, writers: int):
         db, self.ingest = _server_modules()
+        from datasource import store
+        from datasource.store import locks
+
+        self.store, self.locks = store, locks
         self.settings = settings
         self.batch_size = batch_size
         url = db.resolve_url(settings.database_url, settings.data_dir)
         self.conn = db.connect(url, statement_timeout_ms=0)  # backfills may run long
         db.migrate(self.conn)
+        # with several writers, this one takes the bulk lock and makes partitions; each writer its own
+        self.conns = [self.conn] if writers <= 1 else [
+            db.connect(url, statement_timeout_ms=0) for _ in range(writers)]
 
-    def _tx(self, fn, *args):
-        try:
-            result = fn(self.conn, *args)
-            self.conn.commit()
-            return result
-        except BaseException:
-            self.conn.rollback()
-            raise
+    def _tx(self, fn, *args, conn=None):
+        """``fn(conn, *args)`` in one transaction, committed; run again (at most
+        DEADLOCK_RETRIES times) when PostgreSQL aborted it to break a deadlock."""
+        from psycopg2 import errors
+
+        conn = conn or self.conn
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                result = fn(conn, *args)
+                conn.commit()
+                return result
+            except errors.DeadlockDetected:
+                conn.rollback()
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+            except BaseException:
+                conn.rollback()
+                raise
 
     def register_model(self, body: dict) -> dict:
         model, created = self._tx(self.ingest.register_model, body)
@@ -175,24 +204,59 @@ class _Local:
                 "created": created}
 
     def write_all(self, kind: str, model: str, batches: Iterator[list]) -> int:
-        """Validate batch n+1 in a thread while PostgreSQL writes batch n.
+        """Validate batch n+1 in a thread while PostgreSQL writes batch n; with two
+        connections, batch n+1 writes its raw rows while batch n adds its deltas and commits.
 
-        psycopg2 releases the GIL while the server works, so building and
-        validating records overlaps with the upsert and rollup upkeep.
+        psycopg2 releases the GIL while the server works, so validating, and one batch's
+        Python (its deltas), overlap with the other's SQL. Two batches run at once only when
+        their keys are disjoint (else n+1 waits for n's commit): both hold the model's lock
+        shared, under the model's bulk lock, which this client holds for the call (one bulk
+        client per model; a server's writer waits for the model's lock). The rollup lock
+        orders their deltas, so each batch is one transaction and they commit in batch order
+        (``store.locks``).
         """
         ingest = self.ingest
         target = self._tx(ingest.require_model, model)
+        concurrent = len(self.conns) > 1
 
         def prepare():
             batch = next(batches, None)
-            return None if batch is None else ingest.parse_batch(kind, target, batch, max(len(batch), 1))
+            if batch is None:
+                return None
+            rows = ingest.parse_batch(kind, target, batch, max(len(batch), 1))
+            return rows, frozenset(rows.ids) if concurrent else None
 
         total = 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare)
-            while (rows := pending.result()) is not None:
+        if concurrent:
+            self.locks.hold_bulk(self.conn, target.model_id)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(BULK_SWITCH_INTERVAL_S)
+        writers = [ThreadPoolExecutor(max_workers=1) for _ in self.conns]
+        in_flight: deque[tuple[Future, frozenset | None]] = deque()
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = pool.submit(prepare)
-                total += self._tx(ingest.write_rows, kind, target, rows)
+                n = 0
+                while (item := pending.result()) is not None:
+                    pending = pool.submit(prepare)
+                    rows, keys = item
+                    while len(in_flight) >= len(self.conns) or (
+                            in_flight and not in_flight[-1][1].isdisjoint(keys)):
+                        total += in_flight.popleft()[0].result()
+                    if concurrent:  # its weeks made beforehand, in a transaction of their own
+                        self._tx(self.store.make_weeks, kind, rows)
+                    conn = self.conns[n % len(self.conns)]
+                    in_flight.append((writers[n % len(writers)].submit(
+                        self._tx, ingest.write_rows, kind, target, rows, concurrent, conn=conn), keys))
+                    n += 1
+            while in_flight:
+                total += in_flight.popleft()[0].result()
+        finally:
+            for writer in writers:
+                writer.shutdown(wait=True, cancel_futures=True)
+            sys.setswitchinterval(switch_interval)
+            if concurrent:
+                self.locks.release_bulk(self.conn, target.model_id)
         return total
 
     def add_event(self, model: str, body: dict) -> int:
@@ -205,7 +269,8 @@ class _Local:
         return self._tx(self.ingest.set_reference, model, body)
 
     def close(self) -> None:
-        self.conn.close()
+        for conn in {id(c): c for c in [self.conn, *self.conns]}.values():
+            conn.close()
 
 
 class _Remote:

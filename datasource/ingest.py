@@ -50,10 +50,11 @@ def parse_batch(kind: str, model: store.Model, recs: object, max_records: int):
     return parse(recs, model.task, max_records)
 
 
-def write_rows(conn, kind: str, model: store.Model, rows) -> int:
-    """Upsert validated rows with rollup upkeep, in the caller's transaction."""
+def write_rows(conn, kind: str, model: store.Model, rows, shared: bool = False) -> int:
+    """Upsert validated rows with rollup upkeep, in the caller's transaction (``shared``: the
+    bulk client's concurrent batches, ``store.locks``)."""
     write = store.write_predictions if kind == "predictions" else store.write_feedback
-    return write(conn, model, rows)
+    return write(conn, model, rows, shared)
 
 
 def write_batch(conn, kind: str, model_name: object, recs: object, max_records: int) -> int:

@@ -74,6 +74,7 @@ from datasource.store.writes import (
     check_rollup,
     check_schema,
     fold_score_bins,
+    make_weeks,
     rebuild_rollup,
     sync_partials,
     write_feedback,
@@ -83,7 +84,7 @@ from datasource.store.writes import (
 __all__ = [
     "ALL_TIME_S", "BIN_BASE_S", "BIN_PARTIALS", "LEVELS", "N_BINS", "SCORE_BINS", "THRESHOLD_PARTIALS", "bin_index", "grid_bin",
     "score_bins_by_bucket", "COUNT_PARTIALS", "EPS", "PARTIALS", "ROLLUP_BUCKET_S", "Model", "add_event", "bucket_revisions",
-    "check_rollup", "check_schema", "fold_score_bins", "column_rows", "feature_names", "get_model", "joined_rows",
+    "check_rollup", "check_schema", "fold_score_bins", "make_weeks", "column_rows", "feature_names", "get_model", "joined_rows",
     "latest_prediction_ts", "list_events", "list_models", "partial_type", "partials_by_bucket",
     "partials_fingerprint", "range_revision", "rebuild_rollup", "rollup_totals", "reference_column", "reference_names", "segment_sets",
     "set_reference", "sync_partials", "table_counts", "upsert_model", "write_feedback",

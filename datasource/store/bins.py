@@ -8,8 +8,8 @@ each a 41-byte little-endian record (the bin, then the BIN_PARTIALS as float64),
 bin: at most 101 records (4,141 bytes), kept inline in the row (``toast_tuple_target`` 8160,
 ``STORAGE PLAIN``: no compression, no TOAST to detoast at read).
 
-Upkeep is read, add, write back: writers of one model are serialized by its advisory lock,
-so no other writer changes a row between the read and the write. A bin whose count drops to
+Upkeep is read, add, write back: writers of one model add to the bins under its rollup lock
+(``locks``), so no other writer changes a row between the read and the write. A bin whose count drops to
 0 is removed, with its float sums (which would otherwise keep rounding residue); a row whose
 bins all empty keeps an empty value.
 
@@ -233,7 +233,7 @@ def merge_levels(cur, tables: dict[int, str], model_id: int, deltas: dict[int, d
     """Add each level's ``deltas`` (records: segset_id, bucket_end of that level, bin,
     BIN_PARTIALS, signed; any order, keys may repeat) to ``tables[width]``: one new row per
     key holding the key's delta, under the batch's ``revision``; then the keys that reached
-    MAX_PARTS rows are folded into one. The caller holds the model's write lock.
+    MAX_PARTS rows are folded into one. The caller holds the model's rollup lock.
 
     Why rows of deltas: a late label changes one bin of a key whose row holds up to 101 bins
     and their suffix sums (~5 KB); read, added to and written back whole, a batch of 1,000

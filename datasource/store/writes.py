@@ -1,8 +1,9 @@
 """Writes: staged upserts of predictions and feedback with rollup upkeep, rebuild and check.
 
-Each write batch, under a per-model advisory lock, subtracts the old contribution of the
-keys it touches, upserts the raw rows and adds their new contribution, in one transaction:
-the rollup always equals a rebuild from raw rows (``rebuild_rollup`` / ``check_rollup``).
+Each write batch, in one transaction, upserts the raw rows of its keys under the model's
+lock, then adds to the rollup the old contribution of the rows it replaced, negated, and the
+new one of the rows it wrote, under the model's rollup lock (``locks``): the rollup always
+equals a rebuild from raw rows (``rebuild_rollup`` / ``check_rollup``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from datasource.errors import ClientError
 from datasource.records import FeedbackRows, PredictionRows, epoch_us
-from datasource.store import binary_copy, bins, deltas, retention
+from datasource.store import binary_copy, bins, deltas, locks, retention
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
     BIN_BASE_S,
@@ -98,14 +99,6 @@ def check_schema(conn) -> None:
 # --------------------------------------------------------------------------- writes
 
 
-def _begin_write(cur, model: Model) -> int:
-    """Serialize writers of one model (old/new contributions must not interleave, and the
-    delete-then-insert of a key must not race another writer's: the key's uniqueness)."""
-    cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
-    cur.execute("SELECT nextval('write_revision')")
-    return cur.fetchone()[0]
-
-
 # The rows a batch replaced, as binary_copy.copy_out reads them (timestamptz: exact µs).
 _REPLACED = {"ts_us": "timestamptz", "score": "float8", "segset_id": "int8", "label": "float8"}
 # The raw rows of a batch's keys are found by an index probe per key in each weekly partition:
@@ -127,11 +120,14 @@ def _analyze_staged(cur, table: str) -> None:
     cur.execute(f"SET LOCAL default_statistics_target = 1; ANALYZE {table}")
 
 
-def _merge_delta(cur, model: Model, revision: int, rows: deltas.BatchRows) -> None:
+def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
     """Add the deltas of a batch's rows to every level of the rollup and of the score bins:
-    summed in numpy (``deltas``), sent by one binary COPY, then one upsert per level."""
+    summed in numpy (``deltas``) before the model's rollup lock is taken, then under it
+    (with the batch's write revision) one binary COPY and one upsert per level."""
     names = deltas.partial_names()
     levels = deltas.rollup_levels(rows, model.threshold)
+    bin_levels = deltas.bin_levels(rows) if model.is_classifier else None
+    revision = locks.lock_rollup(cur, model.model_id)
     table = f"level_delta_{partials_fingerprint()[:12]}"  # its columns follow the declaration
     binary_copy.staging_table(cur, table, "width int, segset_id int, bucket_end bigint, "
                               + ", ".join(f"{c} double precision" for c in names))
@@ -151,7 +147,7 @@ def _merge_delta(cur, model: Model, revision: int, rows: deltas.BatchRows) -> No
           {", ".join(f"{c} = {ROLLUP_TABLES[width]}.{c} + excluded.{c}" for c in names)};
         """ for width in LEVELS), {"m": model.model_id, "rev": revision})
     if model.is_classifier:
-        bins.merge_levels(cur, BIN_TABLES, model.model_id, deltas.bin_levels(rows), revision)
+        bins.merge_levels(cur, BIN_TABLES, model.model_id, bin_levels, revision)
 
 
 FOLD_CHUNK_KEYS = 2_000  # keys folded per transaction: the model's writers wait for one chunk
@@ -159,7 +155,7 @@ FOLD_CHUNK_KEYS = 2_000  # keys folded per transaction: the model's writers wait
 
 def fold_score_bins(conn, model: Model, chunk_keys: int = FOLD_CHUNK_KEYS) -> int:
     """Fold every key of the model's score bins held in more than one row (``bins.fold``), a
-    chunk of keys per transaction under the model's write lock, committing each: the
+    chunk of keys per transaction under the model's locks, committing each: the
     server's hourly upkeep (``maintenance``). Returns the number of rows removed."""
     if not model.is_classifier:
         return 0
@@ -170,11 +166,21 @@ def fold_score_bins(conn, model: Model, chunk_keys: int = FOLD_CHUNK_KEYS) -> in
         conn.commit()
         for lo in range(0, len(seg), chunk_keys):
             with conn.cursor() as cur:
-                revision = _begin_write(cur, model)
+                locks.lock_writer(cur, model.model_id)
+                revision = locks.lock_rollup(cur, model.model_id)
                 removed += bins.fold(cur, table, model.model_id, seg[lo:lo + chunk_keys],
                                      bucket[lo:lo + chunk_keys], revision)
             conn.commit()
     return removed
+
+
+def make_weeks(conn, kind: str, rows: PredictionRows | FeedbackRows) -> int:
+    """Create the weekly partitions a batch of ``kind`` rows needs, in the caller's transaction;
+    returns how many were made. The bulk client commits this before it writes the batch: made
+    inside the batch's transaction, a week holds the partition lock until that commits, and
+    the client's other batch in flight, needing the same week, waited for it (~1 s a week)."""
+    with conn.cursor() as cur:
+        return retention.ensure_partitions(cur, kind, epoch_us(rows.ts))
 
 
 def _refuse_before_horizon(horizon, times, what: str) -> None:
@@ -190,13 +196,14 @@ def _refuse_before_horizon(horizon, times, what: str) -> None:
              for i in bad], status=422)
 
 
-def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
+def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = False) -> int:
     """Upsert validated predictions and keep the rollup equal to the raw rows.
 
     Runs in the caller's transaction; the caller commits (one batch, one transaction).
     A key is replaced by delete-then-insert (the partitioned table has no unique index; the
     model's lock makes the pair atomic): the deleted rows give the old contributions, the
-    written rows, with their label from feedback, the new ones.
+    written rows, with their label from feedback, the new ones. ``shared``: the model's lock
+    taken shared, for the bulk client's concurrent batches (``locks``).
     Returns the number of distinct output ids written (a repeated id: the last wins).
     """
     if not rows.ids:
@@ -209,7 +216,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     scores = np.asarray(rows.scores, np.float64)[keep]
     segsets = np.asarray(segset_ids, np.int64)[keep]
     with conn.cursor() as cur:
-        revision = _begin_write(cur, model)
+        locks.lock_writer(cur, model.model_id, shared)
         retention.ensure_partitions(cur, "predictions", us)
         binary_copy.staging_table(cur, "stage_predictions", "ord int, output_id text COLLATE \"C\", ts timestamptz,"
                                   " score double precision, segset_id int, features jsonb,"
@@ -237,7 +244,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
             """, params)
         labels = np.full(len(keep), np.nan)
         labels[known["ord"]] = known["label"]
-        _merge_delta(cur, model, revision, deltas.BatchRows.concat([
+        _merge_delta(cur, model, deltas.BatchRows.concat([
             deltas.BatchRows.of(-1, replaced["ts_us"], replaced["score"], replaced["segset_id"],
                                 replaced["label"]),
             deltas.BatchRows.of(1, us, scores, segsets, labels)]))
@@ -249,13 +256,14 @@ def write_predictions(conn, model: Model, rows: PredictionRows) -> int:
     return len(last)
 
 
-def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
+def write_feedback(conn, model: Model, rows: FeedbackRows, shared: bool = False) -> int:
     """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact.
 
     The label is copied onto its prediction's row: the row as it was gives the old
     contribution (sign -1), the same row with the new label the new one (+1). A label for a
     prediction that retention dropped, or with a time before the horizon, is counted
-    (``retention_counts``) and not stored. Returns the number of labels stored.
+    (``retention_counts``) and not stored. ``shared`` as in ``write_predictions``. Returns
+    the number of labels stored.
     """
     if not rows.ids:
         return 0
@@ -265,7 +273,7 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
     labels = np.asarray(rows.labels, np.float64)[keep]
     horizon = retention.hold_horizon(conn)
     with conn.cursor() as cur:
-        revision = _begin_write(cur, model)
+        locks.lock_writer(cur, model.model_id, shared)
         binary_copy.staging_table(cur, "stage_feedback", "ord int, output_id text COLLATE \"C\", ts timestamptz,"
                                   " label double precision")
         binary_copy.copy_in(cur, "stage_feedback", {
@@ -309,7 +317,7 @@ def write_feedback(conn, model: Model, rows: FeedbackRows) -> int:
         matched = {k: np.concatenate([part[k] for part in parts]) for k in first}
         old = deltas.BatchRows.of(-1, matched["ts_us"], matched["score"], matched["segset_id"],
                                   matched["label"])
-        _merge_delta(cur, model, revision, deltas.BatchRows.concat(
+        _merge_delta(cur, model, deltas.BatchRows.concat(
             [old, deltas.BatchRows.of(1, old.ts_us, old.score, old.segset_id, labels[matched["ord"]])]))
     return stored
 
@@ -369,9 +377,8 @@ def rebuild_rollup(conn, model: Model, chunk_rows: int = REBUILD_CHUNK_ROWS,
     called with the end of each chunk (epoch s). Returns the number of minute rollup rows."""
     after = _after(conn)  # the horizon lock before the model's, in the writers' order
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%(ns)s, %(m)s)", {"ns": LOCK_NAMESPACE, "m": model.model_id})
-        cur.execute("SELECT nextval('write_revision')")
-        revision = cur.fetchone()[0]
+        locks.lock_writer(cur, model.model_id)
+        revision = locks.lock_rollup(cur, model.model_id)
         params = {"m": model.model_id, "thr": model.threshold, "eps": EPS, "rev": revision,
                   "edges": BIN_EDGES, "after": after}
         for table in (*ROLLUP_TABLES.values(), *BIN_TABLES.values()):

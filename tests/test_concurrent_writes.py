@@ -1,0 +1,168 @@
+"""Writers of one model at once (``store.locks``): the bulk client's two transactions.
+
+A batch takes the model's lock shared (the bulk client's batches, keys disjoint) and its
+write revision when it takes the rollup lock, which it holds to its commit: revisions grow in
+commit order even when batches start in another order. ``Client.local(writers=2)`` leaves
+the tables ``writers=1`` leaves, with repeated keys across batches, corrections and labels
+that came before their predictions, and the rollup equal to a rebuild from raw rows.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from datasource import db, ingest, records, store
+from datasource.client import Client
+from tests.conftest import empty_database
+
+DAY_MS = 86_400_000
+W1_MS = 1_580_947_200_000  # 2020-02-06, a Thursday: a week of partitions starts here
+
+
+def _predictions(prefix: str, start_ms: int, n: int = 20):
+    return records.parse_predictions(
+        [{"id": f"{prefix}{i}", "ts": start_ms + i * 1000, "score": (i % 10) / 10} for i in range(n)],
+        "binary_classification", n)
+
+
+def _revision(conn, model, lo_ms: int, hi_ms: int) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT max(revision) FROM rollup WHERE model_id = %s AND bucket_end > %s"
+                    " AND bucket_end <= %s", (model.model_id, lo_ms // 1000, hi_ms // 1000 + 60))
+        return cur.fetchone()[0]
+
+
+def test_revisions_follow_commits_when_batches_start_in_another_order(clean_db):
+    """B starts first and waits (for a new week, while another transaction holds the
+    partition lock); A starts later, passes it (both hold the model's lock shared) and
+    commits first. B's revision must be the higher: taken at its start it would be the lower,
+    and a value cached at A's revision would not see B's rows."""
+    conns = [db.connect(clean_db) for _ in range(3)]
+    a, b, holder = conns
+    model = ingest.register_model(a, {"name": "m"})[0]
+    assert store.write_predictions(a, model, _predictions("old", W1_MS)) == 20  # week W1 exists
+    a.commit()
+    with holder.cursor() as cur:  # the partition lock, as a writer making a week holds it
+        cur.execute("SELECT pg_advisory_xact_lock(715018, -1)")
+    out: dict = {}
+
+    def write_b():
+        try:
+            out["value"] = store.write_predictions(b, model, _predictions("b", W1_MS + 7 * DAY_MS), shared=True)
+            b.commit()
+        except Exception as e:  # noqa: BLE001 - handed to the test thread
+            out["error"] = e
+            b.rollback()
+
+    t = threading.Thread(target=write_b, daemon=True)
+    t.start()
+    t.join(1.0)
+    assert t.is_alive(), "B did not wait for the partition lock"
+    assert store.write_predictions(a, model, _predictions("a", W1_MS + DAY_MS), shared=True) == 20
+    a.commit()  # A, started after B, commits first
+    holder.commit()
+    t.join(30)
+    assert out == {"value": 20}, out
+    rev_a = _revision(a, model, W1_MS + DAY_MS, W1_MS + DAY_MS + 20_000)
+    rev_b = _revision(a, model, W1_MS + 7 * DAY_MS, W1_MS + 7 * DAY_MS + 20_000)
+    assert rev_b > rev_a, (rev_a, rev_b)
+    assert store.check_rollup(a, model) == []
+    for c in conns:
+        c.close()
+
+
+def test_a_writer_waits_for_the_rollup_lock_of_another_batch(clean_db):
+    """A batch that holds the rollup lock (its deltas added, not committed) keeps a second
+    batch of disjoint keys out of the rollup, not out of the raw rows: the second is found
+    waiting for the rollup lock, its raw rows written; it commits after the first."""
+    a, b, watcher = (db.connect(clean_db) for _ in range(3))
+    model = ingest.register_model(a, {"name": "m"})[0]
+    # the segment set and the week committed first: a batch that makes one holds it to its
+    # commit, and a second batch with the same new one waits for that
+    assert store.write_predictions(a, model, _predictions("old", W1_MS)) == 20
+    a.commit()
+    assert store.write_predictions(a, model, _predictions("a", W1_MS + 120_000), shared=True) == 20
+    done = threading.Event()
+
+    def write_b():
+        store.write_predictions(b, model, _predictions("b", W1_MS + 240_000), shared=True)
+        b.commit()
+        done.set()
+
+    t = threading.Thread(target=write_b, daemon=True)
+    t.start()
+    waiting = []
+    for _ in range(100):
+        with watcher.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                        " AND classid = %s AND objid = %s", (store.locks.ROLLUP_NAMESPACE, model.model_id))
+            waiting.append(cur.fetchone()[0])
+        watcher.rollback()
+        if waiting[-1]:
+            break
+        done.wait(0.05)
+    assert waiting[-1] == 1 and not done.is_set(), "B did not reach the rollup lock while A held it"
+    a.commit()
+    t.join(30)
+    assert done.is_set()
+    assert store.table_counts(a, model)["predictions"] == 60
+    assert store.check_rollup(a, model) == []
+    for c in (a, b, watcher):
+        c.close()
+
+
+def _snapshot(url: str):
+    conn = db.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT output_id, ts, score, label, label_ts FROM predictions ORDER BY 1")
+        p = cur.fetchall()
+        cur.execute("SELECT output_id, ts, label FROM feedback ORDER BY 1")
+        f = cur.fetchall()
+        cur.execute(f"SELECT segset_id, bucket_end, {', '.join(store.PARTIALS)} FROM rollup ORDER BY 1, 2")
+        r = cur.fetchall()
+    model = store.get_model(conn, "m")
+    diffs = store.check_rollup(conn, model)
+    conn.rollback()
+    conn.close()
+    return p, f, r, diffs
+
+
+def test_two_writers_leave_the_tables_one_writer_leaves(clean_db):
+    """Batches of 300 with keys repeated in the next batch (re-sent predictions: that batch
+    waits for the one before), corrections, and labels sent before their predictions."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    ids = [f"k{i}" for i in range(n)]
+    ts = W1_MS + np.sort(rng.integers(0, 20 * DAY_MS, n))
+    preds = [{"id": ids[i], "ts": int(ts[i]), "score": float(rng.random()),
+              "segments": {"s": "ab"[i % 2]}} for i in range(n)]
+    resent = [dict(p, score=float(rng.random())) for p in preds[250:350]]  # in the next batch
+    early = [{"id": f"k{i}", "ts": int(ts[i]) + 1000, "label": int(rng.random() < 0.5)} for i in range(2900, 3000)]
+    labels = [{"id": ids[i], "ts": int(ts[i]) + int(rng.integers(1, DAY_MS)), "label": int(rng.random() < 0.6)}
+              for i in rng.permutation(2900)[:2000]]
+    fixes = [dict(x, label=1 - x["label"], ts=x["ts"] + 1) for x in labels[:200]]
+    snapshots = []
+    for writers in (1, 2):
+        empty_database(clean_db)
+        with Client.local(database_url=clean_db, batch_size=300, writers=writers) as client:
+            client.register_model("m")
+            assert client.write_feedback("m", early) == len(early)
+            # the segment sets first: a batch that makes one holds it to its commit, and the
+            # next batch would wait for that instead of running beside it
+            assert client.write_predictions("m", [{"id": f"w{s}", "ts": W1_MS, "score": 0.5,
+                                                   "segments": {"s": s}} for s in "ab"]) == 2
+            # batch 2 holds k250-k349 re-sent and k300-k499: k300-k349 twice (the last wins)
+            assert client.write_predictions("m", preds[:300] + resent + preds[300:]) == n + len(resent) - 50
+            assert client.write_feedback("m", labels + fixes) == len(labels) + len(fixes)
+        snapshots.append(_snapshot(clean_db))
+    (p1, f1, r1, d1), (p2, f2, r2, d2) = snapshots
+    assert d1 == [] and d2 == []
+    assert (p1, f1) == (p2, f2)
+    assert [row[:2] for row in r1] == [row[:2] for row in r2]
+    for name, c1, c2 in zip(store.PARTIALS, np.array(r1, float).T[2:], np.array(r2, float).T[2:], strict=True):
+        np.testing.assert_allclose(c1, c2, rtol=1e-9, atol=1e-9, err_msg=name)
+    by_id = {row[0]: row for row in p2}
+    assert all(by_id[x["id"]][3] == x["label"] for x in fixes)  # the correction won
+    assert all(by_id[f"k{i}"][3] is not None for i in range(2900, 3000))  # the early labels joined
