@@ -6,8 +6,12 @@
 Two paths, each into a fresh database (``mlsli_bench_ingest``) on the benchmark
 server (DATABASE_URL's, else the embedded PostgreSQL under ``.data/bench-pg``):
 
-* **bulk**: ``Client.local(url)`` (validation, COPY into staging tables, upsert
-  and rollup upkeep in one transaction per 50,000-record batch);
+* **bulk**: ``Client.local(url, writers=N)`` given each phase's records in one call, as a
+  backfill calls it (validation, COPY into staging tables, upsert and rollup upkeep in one
+  transaction per 50,000-record batch; with N writers, up to N batches in flight at once:
+  ``store.locks``; default 3, the client's). ``--bulk-writers 1,3`` runs one bulk load per
+  value, side by side; the "batch" columns are the intervals between the client taking one
+  batch and the next;
 * **HTTP**: a real ``gunicorn -w 2 --threads 4 "datasource:create_app()"`` on
   127.0.0.1 and ``Client.remote(url)`` posting 1,000-record JSON batches, one
   sender by default (``--http-senders`` for more). ``--compare-parse`` runs two such
@@ -16,7 +20,8 @@ server (DATABASE_URL's, else the embedded PostgreSQL under ``.data/bench-pg``):
   path (``datasource.fastparse``); every batch goes to both, alternately.
 
 ``--statements K`` prints, per bulk phase, the K SQL statements that took longest (each
-statement of a multi-statement string timed apart) and the Python time left over.
+statement of a multi-statement string timed apart) and the Python time left over (with
+two writers the statements of both connections are summed: they overlap).
 
 ``--profile N`` then splits the server time of N 1,000-record HTTP batches of each kind,
 in-process through the Flask test client on a fresh database, into body checks, decoding,
@@ -522,9 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=1_000_000, help="predictions (default 1,000,000)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--bulk-batch", type=int, default=50_000, help="records per bulk transaction")
-    ap.add_argument("--bulk-writers", type=lambda v: [int(x) for x in v.split(",")], default=[2],
+    ap.add_argument("--bulk-writers", type=lambda v: [int(x) for x in v.split(",")], default=[3],
                     metavar="N[,N…]", help="Client.local(writers=N) for the bulk path; several: one "
-                                          "bulk run each, in this order (default 2)")
+                                          "bulk run each, in this order (default 3)")
     ap.add_argument("--http-batch", type=int, default=1_000, help="records per HTTP request")
     ap.add_argument("--http-senders", type=int, default=1, help="concurrent HTTP senders")
     ap.add_argument("--skip-bulk", action="store_true")

@@ -1,8 +1,8 @@
-"""Writers of one model at once (``store.locks``): the bulk client's two transactions.
+"""Writers of one model at once (``store.locks``): the bulk client's batches in flight.
 
 A batch takes the model's lock shared (the bulk client's batches, keys disjoint) and its
 write revision when it takes the rollup lock, which it holds to its commit: revisions grow in
-commit order even when batches start in another order. ``Client.local(writers=2)`` leaves
+commit order even when batches start in another order. ``Client.local(writers=3)`` leaves
 the tables ``writers=1`` leaves, with repeated keys across batches, corrections and labels
 that came before their predictions, and the rollup equal to a rebuild from raw rows.
 """
@@ -129,22 +129,23 @@ def _snapshot(url: str):
     return p, f, r, diffs
 
 
-def test_two_writers_leave_the_tables_one_writer_leaves(clean_db):
-    """Batches of 300 with keys repeated in the next batch (re-sent predictions: that batch
-    waits for the one before), corrections, and labels sent before their predictions."""
+def test_three_writers_leave_the_tables_one_writer_leaves(clean_db):
+    """Batches of 300 with keys re-sent two batches later (that batch waits for the first,
+    with the one between still in flight) and in the next batch, corrections, and labels sent
+    before their predictions."""
     rng = np.random.default_rng(5)
     n = 3000
     ids = [f"k{i}" for i in range(n)]
     ts = W1_MS + np.sort(rng.integers(0, 20 * DAY_MS, n))
     preds = [{"id": ids[i], "ts": int(ts[i]), "score": float(rng.random()),
               "segments": {"s": "ab"[i % 2]}} for i in range(n)]
-    resent = [dict(p, score=float(rng.random())) for p in preds[250:350]]  # in the next batch
+    resent = [dict(p, score=float(rng.random())) for p in preds[100:200] + preds[650:750]]
     early = [{"id": f"k{i}", "ts": int(ts[i]) + 1000, "label": int(rng.random() < 0.5)} for i in range(2900, 3000)]
     labels = [{"id": ids[i], "ts": int(ts[i]) + int(rng.integers(1, DAY_MS)), "label": int(rng.random() < 0.6)}
               for i in rng.permutation(2900)[:2000]]
     fixes = [dict(x, label=1 - x["label"], ts=x["ts"] + 1) for x in labels[:200]]
     snapshots = []
-    for writers in (1, 2):
+    for writers in (1, 3):
         empty_database(clean_db)
         with Client.local(database_url=clean_db, batch_size=300, writers=writers) as client:
             client.register_model("m")
@@ -153,8 +154,10 @@ def test_two_writers_leave_the_tables_one_writer_leaves(clean_db):
             # next batch would wait for that instead of running beside it
             assert client.write_predictions("m", [{"id": f"w{s}", "ts": W1_MS, "score": 0.5,
                                                    "segments": {"s": s}} for s in "ab"]) == 2
-            # batch 2 holds k250-k349 re-sent and k300-k499: k300-k349 twice (the last wins)
-            assert client.write_predictions("m", preds[:300] + resent + preds[300:]) == n + len(resent) - 50
+            # batches of 300: k0-k299, k300-k599, then k100-k199 again with k600-k799 (the
+            # first batch's keys), then k650-k749 again with k800-k999 (the previous batch's)
+            stream = preds[:600] + resent[:100] + preds[600:800] + resent[100:] + preds[800:]
+            assert client.write_predictions("m", stream) == n + len(resent)
             assert client.write_feedback("m", labels + fixes) == len(labels) + len(fixes)
         snapshots.append(_snapshot(clean_db))
     (p1, f1, r1, d1), (p2, f2, r2, d2) = snapshots
