@@ -228,40 +228,55 @@ def _copy_in(cur, table: str, model_id: int, seg, bucket, values, suffixes, revi
 MAX_PARTS = 16  # rows a (bucket, segment set) may hold before its writer folds them into one
 
 
-def merge_levels(cur, tables: dict[int, str], model_id: int, deltas: dict[int, dict[str, np.ndarray]],
-                 revision: int) -> None:
-    """Add each level's ``deltas`` (records: segset_id, bucket_end of that level, bin,
-    BIN_PARTIALS, signed; any order, keys may repeat) to ``tables[width]``: one new row per
-    key holding the key's delta, under the batch's ``revision``; then the keys that reached
-    MAX_PARTS rows are folded into one. The caller holds the model's rollup lock.
-
-    Why rows of deltas: a late label changes one bin of a key whose row holds up to 101 bins
-    and their suffix sums (~5 KB); read, added to and written back whole, a batch of 1,000
-    labels spread over two days rewrote ~1,500 such rows per level. A delta row holds the bins
-    the batch changed, and nothing is read. Reads sum a key's rows as they sum the rows of the
-    levels a bucket spans; at most MAX_PARTS of them."""
-    # not compressed on the way in (a value compressed here stays compressed in the target
-    # table, whose own STORAGE PLAIN only governs values it compresses itself: every read
-    # would then decompress it)
-    staging_table(cur, "bins_new", "width int, model_id int, segset_id int, bucket_end bigint,"
-                                   " revision bigint, bins bytea, suffix bytea", "toast_tuple_target = 8160")
-    written = {}
+def encode_levels(deltas: dict[int, dict[str, np.ndarray]]) -> dict[int, tuple]:
+    """Each level's ``deltas`` (records: segset_id, bucket_end of that level, bin,
+    BIN_PARTIALS, signed; any order, keys may repeat) summed per key and encoded as the rows
+    ``merge_levels`` writes (no database work: done before the model's rollup lock is taken,
+    so that the batches waiting for it wait less). Levels whose delta is all zeros are left out."""
+    encoded = {}
     for width, delta in deltas.items():
         total = aggregate(delta)
         # a label moved between classes leaves n unchanged: a delta keeps every non-zero record
         changed = np.any([total[c] != 0 for c in NAMES], axis=0) if len(total["bin"]) else np.zeros(0, bool)
         seg, bucket, values, suffixes = _encode({c: v[changed] for c, v in total.items()})
         if values:
-            _copy_in(cur, "bins_new", model_id, seg, bucket, values, suffixes, revision, width)
-            written[width] = (seg, bucket)
-    if not written:
+            encoded[width] = (seg, bucket, values, suffixes)
+    return encoded
+
+
+def stage_levels(cur, model_id: int, encoded: dict[int, tuple]) -> None:
+    """Send the encoded deltas (``encode_levels``) to the staging table ``bins_new`` by one
+    binary COPY per level, before the model's rollup lock: ``merge_levels`` then only copies
+    them into the levels, with the batch's revision."""
+    # not compressed on the way in (a value compressed here stays compressed in the target
+    # table, whose own STORAGE PLAIN only governs values it compresses itself: every read
+    # would then decompress it)
+    staging_table(cur, "bins_new", "width int, model_id int, segset_id int, bucket_end bigint,"
+                                   " revision bigint, bins bytea, suffix bytea", "toast_tuple_target = 8160")
+    for width, (seg, bucket, values, suffixes) in encoded.items():
+        _copy_in(cur, "bins_new", model_id, seg, bucket, values, suffixes, 0, width)
+
+
+def merge_levels(cur, tables: dict[int, str], model_id: int, encoded: dict[int, tuple],
+                 revision: int) -> None:
+    """Add each level's delta (``encode_levels``, staged by ``stage_levels``) to
+    ``tables[width]``: one new row per key holding the key's delta, under the batch's
+    ``revision``; then the keys that reached MAX_PARTS rows are folded into one. The caller
+    holds the model's rollup lock.
+
+    Why rows of deltas: a late label changes one bin of a key whose row holds up to 101 bins
+    and their suffix sums (~5 KB); read, added to and written back whole, a batch of 1,000
+    labels spread over two days rewrote ~1,500 such rows per level. A delta row holds the bins
+    the batch changed, and nothing is read. Reads sum a key's rows as they sum the rows of the
+    levels a bucket spans; at most MAX_PARTS of them."""
+    if not encoded:
         return
     cur.execute("".join(
         f"""
         INSERT INTO {tables[w]} (model_id, segset_id, bucket_end, revision, bins, suffix)
-        SELECT model_id, segset_id, bucket_end, revision, bins, suffix FROM bins_new WHERE width = {int(w)};
-        """ for w in written))
-    for width, (seg, bucket) in written.items():
+        SELECT model_id, segset_id, bucket_end, %(rev)s, bins, suffix FROM bins_new WHERE width = {int(w)};
+        """ for w in encoded), {"rev": revision})
+    for width, (seg, bucket, _, _) in encoded.items():
         full = _keys(cur, tables[width], model_id, seg, bucket, f"count(*) >= {MAX_PARTS}")
         if len(full[0]):
             fold(cur, tables[width], model_id, *full, revision)

@@ -122,12 +122,12 @@ def _analyze_staged(cur, table: str) -> None:
 
 def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
     """Add the deltas of a batch's rows to every level of the rollup and of the score bins:
-    summed in numpy (``deltas``) before the model's rollup lock is taken, then under it
-    (with the batch's write revision) one binary COPY and one upsert per level."""
+    summed in numpy (``deltas``) and sent to staging tables by binary COPY before the model's
+    rollup lock is taken (the batches waiting for it wait less), then under it, with the
+    batch's write revision, one upsert per rollup level and one insert per score-bin level."""
     names = deltas.partial_names()
     levels = deltas.rollup_levels(rows, model.threshold)
-    bin_levels = deltas.bin_levels(rows) if model.is_classifier else None
-    revision = locks.lock_rollup(cur, model.model_id)
+    bin_rows = bins.encode_levels(deltas.bin_levels(rows)) if model.is_classifier else {}
     table = f"level_delta_{partials_fingerprint()[:12]}"  # its columns follow the declaration
     binary_copy.staging_table(cur, table, "width int, segset_id int, bucket_end bigint, "
                               + ", ".join(f"{c} double precision" for c in names))
@@ -137,6 +137,8 @@ def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
         "segset_id": ("int4", np.concatenate([p["segset_id"] for p in parts])),
         "bucket_end": ("int8", np.concatenate([p["bucket_end"] for p in parts])),
         **{c: ("float8", np.concatenate([p[c] for p in parts])) for c in names}})
+    bins.stage_levels(cur, model.model_id, bin_rows)
+    revision = locks.lock_rollup(cur, model.model_id)
     values = ", ".join(f"{c}::bigint" if c in COUNT_PARTIALS else c for c in names)
     cur.execute("".join(
         f"""
@@ -146,8 +148,7 @@ def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
           revision = excluded.revision,
           {", ".join(f"{c} = {ROLLUP_TABLES[width]}.{c} + excluded.{c}" for c in names)};
         """ for width in LEVELS), {"m": model.model_id, "rev": revision})
-    if model.is_classifier:
-        bins.merge_levels(cur, BIN_TABLES, model.model_id, bin_levels, revision)
+    bins.merge_levels(cur, BIN_TABLES, model.model_id, bin_rows, revision)
 
 
 FOLD_CHUNK_KEYS = 2_000  # keys folded per transaction: the model's writers wait for one chunk
