@@ -60,8 +60,7 @@ def test_migrations_are_recorded_and_idempotent(conn):
                                                  "005_partial_set.sql", "006_levels_bins.sql", "007_bins_packed.sql",
                                                      "008_partitions_retention.sql", "009_fillfactor.sql",
                                                      "010_bins_suffix.sql", "011_bins_parts.sql", "012_prediction_room.sql",
-                                                     "013_key_collation.sql", "014_partitions_made_concurrently.sql",
-                                                     "015_partitions_attached.sql"]
+                                                     "013_key_collation.sql", "014_partitions_attached.sql"]
 
 
 def test_same_batch_twice_changes_nothing(conn):

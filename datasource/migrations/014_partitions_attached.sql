@@ -1,14 +1,20 @@
--- New weeks attached, not created as partitions (issue 11, ingest).
+-- New weeks of raw rows: attached, not created as partitions, and made by another writer
+-- meanwhile (issue 11, ingest).
 --
--- CREATE TABLE ... PARTITION OF takes an ACCESS EXCLUSIVE lock on the parent: it waits for
--- every open transaction that wrote to predictions (or feedback), of any model, and every
--- writer that comes after waits behind it. With the bulk client's two transactions in flight
--- (datasource/store/locks.py) each new week stalled both for ~1 s: at 1M predictions over 30
--- days, ten weeks, and half of the backends' time was spent waiting for this function's lock.
--- A table made alone (LIKE the parent: columns, collations, defaults, NOT NULL) and then
--- attached takes SHARE UPDATE EXCLUSIVE on the parent, which writers' locks do not conflict
--- with; attaching builds its indexes (empty) and checks its rows (none).
--- (Otherwise as in 014; a function is replaced whole, hence the repetition.)
+-- * CREATE TABLE ... PARTITION OF takes an ACCESS EXCLUSIVE lock on the parent: it waits for
+--   every open transaction that wrote to predictions (or feedback), of any model, and every
+--   writer that comes after waits behind it. With the bulk client's batches in flight
+--   (datasource/store/locks.py) each new week stalled them ~1 s: at 1M predictions over 30
+--   days, ten weeks, and half of the backends' samples waited for this function's lock.
+--   A table made alone (LIKE the parent: columns, collations, defaults, NOT NULL) and then
+--   attached takes SHARE UPDATE EXCLUSIVE on the parent, which writers' locks do not
+--   conflict with; attaching builds its indexes (empty) and checks its rows (none).
+-- * Writers of different models (or the bulk client's batches) may need the same new week.
+--   The advisory lock lets one make it at a time, but the second's to_regclass can still
+--   read its backend's cached catalog, miss the week the first committed, and fail
+--   ("relation ... already exists": a 500 for its batch; seen once, with two connections
+--   writing one week's rows at once). That error now means the week is there.
+-- (Otherwise as in 012; a function is replaced whole, hence the repetition.)
 CREATE OR REPLACE FUNCTION mlsli_add_partitions(parent text, weeks date[]) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
 DECLARE
