@@ -9,13 +9,12 @@ that came before their predictions, and the rollup equal to a rebuild from raw r
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from datasource import db, ingest, records, store
 from datasource.client import Client
 from tests.conftest import empty_database
+from tests.threads import in_thread
 
 DAY_MS = 86_400_000
 W1_MS = 1_580_947_200_000  # 2020-02-06, a Thursday: a week of partitions starts here
@@ -46,18 +45,13 @@ def test_revisions_follow_commits_when_batches_start_in_another_order(clean_db):
     a.commit()
     with holder.cursor() as cur:  # the partition lock, as a writer making a week holds it
         cur.execute("SELECT pg_advisory_xact_lock(715018, -1)")
-    out: dict = {}
 
     def write_b():
-        try:
-            out["value"] = store.write_predictions(b, model, _predictions("b", W1_MS + 7 * DAY_MS), shared=True)
-            b.commit()
-        except Exception as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-            b.rollback()
+        n = store.write_predictions(b, model, _predictions("b", W1_MS + 7 * DAY_MS), shared=True)
+        b.commit()
+        return n
 
-    t = threading.Thread(target=write_b, daemon=True)
-    t.start()
+    t, out = in_thread(write_b)
     t.join(1.0)
     assert t.is_alive(), "B did not wait for the partition lock"
     assert store.write_predictions(a, model, _predictions("a", W1_MS + DAY_MS), shared=True) == 20
@@ -84,15 +78,13 @@ def test_a_writer_waits_for_the_rollup_lock_of_another_batch(clean_db):
     assert store.write_predictions(a, model, _predictions("old", W1_MS)) == 20
     a.commit()
     assert store.write_predictions(a, model, _predictions("a", W1_MS + 120_000), shared=True) == 20
-    done = threading.Event()
 
     def write_b():
-        store.write_predictions(b, model, _predictions("b", W1_MS + 240_000), shared=True)
+        n = store.write_predictions(b, model, _predictions("b", W1_MS + 240_000), shared=True)
         b.commit()
-        done.set()
+        return n
 
-    t = threading.Thread(target=write_b, daemon=True)
-    t.start()
+    t, out = in_thread(write_b)
     waiting = []
     for _ in range(100):
         with watcher.cursor() as cur:
@@ -102,11 +94,11 @@ def test_a_writer_waits_for_the_rollup_lock_of_another_batch(clean_db):
         watcher.rollback()
         if waiting[-1]:
             break
-        done.wait(0.05)
-    assert waiting[-1] == 1 and not done.is_set(), "B did not reach the rollup lock while A held it"
+        t.join(0.05)
+    assert waiting[-1] == 1 and t.is_alive(), "B did not reach the rollup lock while A held it"
     a.commit()
     t.join(30)
-    assert done.is_set()
+    assert out == {"value": 20}, out
     assert store.table_counts(a, model)["predictions"] == 60
     assert store.check_rollup(a, model) == []
     for c in (a, b, watcher):
@@ -166,6 +158,33 @@ def test_three_writers_leave_the_tables_one_writer_leaves(clean_db):
     assert [row[:2] for row in r1] == [row[:2] for row in r2]
     for name, c1, c2 in zip(store.PARTIALS, np.array(r1, float).T[2:], np.array(r2, float).T[2:], strict=True):
         np.testing.assert_allclose(c1, c2, rtol=1e-9, atol=1e-9, err_msg=name)
-    by_id = {row[0]: row for row in p2}
-    assert all(by_id[x["id"]][3] == x["label"] for x in fixes)  # the correction won
-    assert all(by_id[f"k{i}"][3] is not None for i in range(2900, 3000))  # the early labels joined
+    # against the records as sent: each id's last score, and its last label (early labels
+    # joined when their prediction came, corrections over first labels)
+    score, label = {}, {}
+    for rec in preds[:600] + resent[:100] + preds[600:800] + resent[100:] + preds[800:]:
+        score[rec["id"]] = rec["score"]
+    for rec in early + labels + fixes:
+        label[rec["id"]] = float(rec["label"])
+    assert {row[0]: row[2] for row in p2 if row[0][0] == "k"} == score
+    assert {row[0]: row[3] for row in p2 if row[3] is not None} == label
+
+
+def test_labels_before_the_horizon_are_counted_with_several_writers_as_with_one(clean_db):
+    """The bulk client makes a batch's weeks before writing it, but not weeks before the
+    retention horizon: 70 labels in 70 dropped weeks are counted as late, as one writer counts
+    them (making their weeks first, it refused the batch: more than 64 new weeks at once)."""
+    horizon_ms = W1_MS + 100 * 7 * DAY_MS
+    late = [{"id": f"gone{w}", "ts": W1_MS + w * 7 * DAY_MS, "label": 1} for w in range(70)]
+    counts = []
+    for writers in (1, 3):
+        empty_database(clean_db)
+        conn = db.connect(clean_db)
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO raw_horizon (id, horizon) VALUES (1, to_timestamp(%s))", (horizon_ms / 1000,))
+        conn.commit()
+        with Client.local(database_url=clean_db, writers=writers) as client:
+            client.register_model("m")
+            assert client.write_feedback("m", late) == 0
+        counts.append(store.retention_status(conn, store.get_model(conn, "m").model_id)["late_labels_dropped"])
+        conn.close()
+    assert counts == [70, 70]

@@ -11,8 +11,7 @@ refused with its index.
 
 from __future__ import annotations
 
-import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 from datasource import db, ingest, records, store
 from datasource.errors import ClientError
 from datasource.store import retention
+from tests.threads import in_thread
 
 DAY_MS = 86_400_000
 W0 = datetime(2020, 2, 6, tzinfo=UTC)  # a Thursday: a week of partitions starts here
@@ -167,18 +167,6 @@ def test_retention_and_writers_take_turns_at_the_horizon(loaded, clean_db):
     def one(ms: int):
         return records.parse_predictions([{"id": f"r{ms}", "ts": ms, "score": 0.4}], model.task, 1)
 
-    def in_thread(fn):
-        out: dict = {}
-
-        def run():
-            try:
-                out["value"] = fn()
-            except Exception as e:  # noqa: BLE001 - handed to the test thread
-                out["error"] = e
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        return t, out
-
     # a writer in flight (week 2, after the coming horizon), then retention: it waits
     assert store.write_predictions(writer, model, one(W0_MS + 15 * DAY_MS)) == 1
     t, out = in_thread(lambda: store.apply_retention(dropper, 7, now=W0 + timedelta(days=21)))
@@ -217,25 +205,20 @@ def test_two_models_open_the_same_week_at_once(clean_db):
     first.commit()
     second.commit()
     week = W0_MS + 7 * DAY_MS
-    assert not any(p.endswith("20200213") for p in store.partitions(first, "predictions"))
+    assert date(2020, 2, 13) not in store.partitions(first, "predictions")
 
     def rows(prefix: str):
         return records.parse_predictions([{"id": f"{prefix}{i}", "ts": week + i * 60_000, "score": 0.5}
                                           for i in range(10)], "regression", 10)
 
     assert store.write_predictions(first, models[0], rows("a")) == 10  # makes the week, uncommitted
-    out: dict = {}
 
     def write_second():
-        try:
-            out["value"] = store.write_predictions(second, models[1], rows("b"))
-            second.commit()
-        except Exception as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-            second.rollback()
+        n = store.write_predictions(second, models[1], rows("b"))
+        second.commit()
+        return n
 
-    t = threading.Thread(target=write_second, daemon=True)
-    t.start()
+    t, out = in_thread(write_second)
     t.join(1.0)
     assert t.is_alive(), "the second writer did not wait for the first's partition"
     first.commit()

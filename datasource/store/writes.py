@@ -179,9 +179,15 @@ def make_weeks(conn, kind: str, rows: PredictionRows | FeedbackRows) -> int:
     """Create the weekly partitions a batch of ``kind`` rows needs, in the caller's transaction;
     returns how many were made. The bulk client commits this before it writes the batch: made
     inside the batch's transaction, a week holds the partition lock until that commits, and
-    the client's other batch in flight, needing the same week, waited for it (~1 s a week)."""
+    the client's other batch in flight, needing the same week, waited for it (~1 s a week).
+    Times before the retention horizon are left to the write, as the write leaves them: a
+    prediction there is refused by name, a label there counted as late; neither needs a week."""
+    us = epoch_us(rows.ts)
+    horizon = retention.raw_horizon(conn)
+    if horizon is not None:
+        us = us[us >= int(horizon.timestamp() * 1_000_000)]
     with conn.cursor() as cur:
-        return retention.ensure_partitions(cur, kind, epoch_us(rows.ts))
+        return retention.ensure_partitions(cur, kind, us)
 
 
 def _refuse_before_horizon(horizon, times, what: str) -> None:
