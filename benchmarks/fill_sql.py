@@ -4,8 +4,9 @@ Why: the bulk client writes ~27K rows/s on a 2-core machine (10M predictions + 8
 ~12 min, 100M ~2 h), and ``synthesize`` holds every row in numpy (at 100M the ids alone are
 ~4 GB). Here PostgreSQL generates the rows itself, a chunk of row numbers at a time
 (``generate_series``), and writes them as the write path leaves them: each prediction with its
-label and label time on the row, the labels in ``feedback``, the segment sets, the weekly
-partitions (``retention.ensure_partitions``). Then ``store.rebuild_rollup`` makes the rollup
+label and label time on the row (``feedback`` holds only labels that wait for their
+prediction: none here), the segment sets, the weekly partitions
+(``retention.ensure_partitions``). Then ``store.rebuild_rollup`` makes the rollup
 levels and score bins (in chunks of days, bounded memory), and VACUUM ANALYZE, CHECKPOINT.
 
 The same distribution as ``synthesize``, not the same values (numpy's generator is not
@@ -100,11 +101,9 @@ def rows_sql(zones: int = 1) -> str:
 
 
 def _insert_sql(zones: int) -> str:
-    """One chunk: the rows once (MATERIALIZED), into feedback (the labeled) and predictions."""
+    """One chunk of predictions, each with its label."""
     return f"""
-    WITH r AS MATERIALIZED ({rows_sql(zones)}),
-    fb AS (INSERT INTO feedback (model_id, output_id, ts, label)
-           SELECT %(m)s, output_id, label_ts, label FROM r WHERE label IS NOT NULL)
+    WITH r AS ({rows_sql(zones)})
     INSERT INTO predictions (model_id, output_id, ts, score, segset_id, label, label_ts)
     SELECT %(m)s, output_id, ts, score, segset_id, label, label_ts FROM r
     """
@@ -167,7 +166,6 @@ def fill(url: str, n: int, seed: int, description: str, zones: int = 1,
             days_us = np.arange(common.START_S, common.END_S + common.MAX_DELAY_S + common.DAY_S,
                                 common.DAY_S) * 10**6
             retention.ensure_partitions(cur, "predictions", days_us[days_us <= common.END_S * 10**6])
-            retention.ensure_partitions(cur, "feedback", days_us)
             # The rows go in labeled here; a live store writes them unlabeled into half-empty
             # pages (migration 012) that its labels then fill (1M by the bulk client: 178 MB of
             # prediction partitions). Filled at 50 % they would take ~2x the pages (a table
@@ -188,7 +186,7 @@ def fill(url: str, n: int, seed: int, description: str, zones: int = 1,
         sql = _insert_sql(zones)
         t0 = time.perf_counter()
         try:
-            with conn.cursor() as cur, tqdm(total=n, desc="fill predictions + feedback (SQL)",
+            with conn.cursor() as cur, tqdm(total=n, desc="fill predictions and labels (SQL)",
                                             unit="rows", unit_scale=True, file=sys.stderr,
                                             mininterval=1, disable=None) as bar:
                 for lo in range(0, n, chunk_rows):

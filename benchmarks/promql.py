@@ -28,7 +28,8 @@ number, and draws the essay's figure again with its own timings overlaid:
    no remote storage and compaction off. The essay's accuracy query, verbatim, goes to
    ``GET /api/v1/query`` at the last scrape's time.
 2. **The essay's join + scikit-learn**: ``query.Essay``'s ``SELECT p.score, f.label
-   FROM predictions p JOIN feedback f ...`` fetched with psycopg2, then
+   FROM predictions p JOIN essay_feedback f ...`` (every label, copied from the store before
+   timing) fetched with psycopg2, then
    ``accuracy_score(label, score >= 0.5)`` (``query.SingleValue``, case (a)'s baseline).
 3. **mlsli**: ``POST /query`` to a real gunicorn with the body Grafana sends for a
    30-day stat panel of cumulative accuracy (``query.py``'s case (a) stat: 240

@@ -218,14 +218,26 @@ class Essay:
     """The essay's approach: join predictions with feedback in SQL, score with scikit-learn."""
 
     SQL = "SELECT {cols} FROM predictions p {labels} {seg} WHERE p.model_id = %(m)s {where}"
-    JOIN = "{kind} JOIN feedback f ON f.model_id = p.model_id AND f.output_id = p.output_id"
-    ROW_LABELS = "CROSS JOIN LATERAL (SELECT p.label) f"  # the label the writers copy onto the row
+    JOIN = "{kind} JOIN essay_feedback f ON f.model_id = p.model_id AND f.output_id = p.output_id"
+    ROW_LABELS = "CROSS JOIN LATERAL (SELECT p.label) f"  # the label the writers store on the row
+    # The essay's second table: every label by (model, output_id). The store keeps a label on
+    # its prediction's row (feedback holds only labels that wait for theirs, migration 015), so
+    # the baseline gets its own copy, made before timing, indexed as feedback is.
+    FEEDBACK = """
+        DROP TABLE IF EXISTS essay_feedback;
+        CREATE TABLE essay_feedback AS
+          SELECT model_id, output_id, label_ts AS ts, label FROM predictions WHERE label IS NOT NULL
+          UNION ALL SELECT model_id, output_id, ts, label FROM feedback;
+        CREATE INDEX ON essay_feedback (model_id, output_id);
+        ANALYZE essay_feedback"""
 
     def __init__(self, url: str, budget_s: float):
         self.conn = db.connect(url, statement_timeout_ms=0)
         self.conn.autocommit = True
         self.model = store.get_model(self.conn, common.MODEL)
         self.budget_s = budget_s
+        with self.conn.cursor() as cur:
+            cur.execute(self.FEEDBACK)
 
     def close(self) -> None:
         self.conn.close()

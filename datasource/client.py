@@ -216,8 +216,8 @@ class _Local:
         (one bulk client per model; a server's writer waits for the model's lock). The rollup
         lock orders their deltas and write revisions; each batch is one transaction
         (``store.locks``). Each batch's weeks are made before it, in a transaction of their
-        own (``store.make_weeks``).
-        """
+        own (``store.make_weeks``), by the thread that validates it, on the connection that
+        holds the bulk lock (the main thread uses it before and after the loop only)."""
         ingest = self.ingest
         target = self._tx(ingest.require_model, model)
         concurrent = len(self.conns) > 1
@@ -226,7 +226,9 @@ class _Local:
             batch = next(batches, None)
             if batch is None:
                 return None
-            rows = ingest.parse_batch(kind, target, batch, max(len(batch), 1))
+            rows = ingest.parse_batch(kind, target, batch, max(len(batch), 1), python_records=True)
+            if concurrent:  # its weeks made beforehand, in a transaction of their own
+                self._tx(self.store.make_weeks, kind, rows)
             return rows, frozenset(rows.ids) if concurrent else None
 
         total = 0
@@ -246,8 +248,6 @@ class _Local:
                     while in_flight and (len(in_flight) >= len(self.conns) or any(
                             not k.isdisjoint(keys) for _, k in in_flight)):
                         total += in_flight.popleft()[0].result()
-                    if concurrent:  # its weeks made beforehand, in a transaction of their own
-                        self._tx(self.store.make_weeks, kind, rows)
                     conn = self.conns[n % len(self.conns)]
                     in_flight.append((writers[n % len(writers)].submit(
                         self._tx, ingest.write_rows, kind, target, rows, concurrent, conn=conn), keys))

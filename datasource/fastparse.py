@@ -27,6 +27,7 @@ Use::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -63,6 +64,22 @@ class _Feedback(msgspec.Struct):
     label: float | bool
 
 
+class _PredictionObject(msgspec.Struct):
+    """A Python record (the bulk client's): ``ts`` of any kind ``records.parse_ts`` reads."""
+
+    id: _Id | int
+    ts: object
+    score: float
+    segments: _Segments | None = None
+    features: _Features | None = None
+
+
+class _FeedbackObject(msgspec.Struct):
+    id: _Id | int
+    ts: object
+    label: float | bool
+
+
 class _Predictions(msgspec.Struct):
     model: str
     records: list[_Prediction]
@@ -75,6 +92,13 @@ class _Feedbacks(msgspec.Struct):
 
 _DECODERS = {"predictions": msgspec.json.Decoder(_Predictions),
              "feedback": msgspec.json.Decoder(_Feedbacks)}
+
+
+_JSON = msgspec.json.Encoder().encode
+# Records converted per msgspec call: one call holds the GIL throughout (25 ms for 50,000
+# records), and the bulk client's writer threads wait for it to return from each statement.
+_CONVERT_CHUNK = 2_000
+_OBJECTS = {"predictions": list[_PredictionObject], "feedback": list[_FeedbackObject]}
 
 
 class _Unrecognised(Exception):
@@ -120,6 +144,40 @@ def decode(kind: str, raw: bytes, max_records: int) -> FastBatch | None:
     return FastBatch(batch.model, rows, tasks, raw) if tasks else None
 
 
+def from_objects(kind: str, recs: object, max_records: int) -> FastBatch | None:
+    """``recs``, a list of Python records (``Client.local``'s), as a FastBatch; None for
+    anything this path does not recognise as valid (``records`` then decides, as for a body).
+
+    msgspec.convert checks the records' shapes, types and limits as ``decode`` checks a
+    body's (a numpy float is not a float to it: such a batch takes the precise path); what
+    ``http.plain`` checks of a body is checked here (NUL in the texts), and the times are
+    read by ``records.parse_ts`` whatever their kind (aware or naive datetimes, ISO text,
+    epoch milliseconds). Measured on 50,000 of the benchmark's predictions: 172 ms through
+    ``records.parse_predictions``, ~25 ms here."""
+    if not isinstance(recs, list) or len(recs) > max_records:
+        return None
+    batch = []
+    try:
+        for lo in range(0, len(recs), _CONVERT_CHUNK):
+            batch += msgspec.convert(recs[lo:lo + _CONVERT_CHUNK], _OBJECTS[kind])
+    except (msgspec.ValidationError, RecursionError):
+        return None
+    try:
+        if kind == "predictions":
+            rows, tasks = _predictions(batch, objects=True)
+        else:
+            rows, tasks = _feedback(batch, objects=True)
+    except (_Unrecognised, ValueError, OverflowError):
+        return None
+    return FastBatch("", rows, tasks, b"") if tasks else None
+
+
+def _no_nul(texts) -> None:
+    """A Python text may hold NUL, which PostgreSQL text cannot (a body's: ``http.plain``)."""
+    if any("\x00" in t for t in texts):
+        raise _Unrecognised
+
+
 def _ids(values: list[str | int]) -> list[str]:
     if all(type(v) is str for v in values):
         return values
@@ -129,11 +187,13 @@ def _ids(values: list[str | int]) -> list[str]:
     return ids
 
 
-def _timestamps(values: list[str | int | float]) -> list:
+def _timestamps(values: list) -> list:
     """As ``records.parse_ts`` on each; ValueError (-> the precise path) for a bad one."""
     if all(type(v) is str for v in values):
         return records.iso_ts_many(values)  # what clients send (Client.remote: isoformat())
-    return [records.iso_ts(v) if type(v) is str else records.ms_ts(v) for v in values]
+    if values and all(type(v) is datetime and v.tzinfo is UTC for v in values):
+        return records.utc_times(values)  # what Client.local is given most often
+    return list(map(records.parse_ts, values))
 
 
 def _finite(values: list[float]) -> np.ndarray:
@@ -146,12 +206,17 @@ def _finite(values: list[float]) -> np.ndarray:
 _EMPTY_FEATURES = records.features_text({})
 
 
-def _predictions(recs: list[_Prediction]) -> tuple[PredictionRows, frozenset[str]]:
+def _predictions(recs: list[_Prediction] | list[_PredictionObject],
+                 objects: bool = False) -> tuple[PredictionRows, frozenset[str]]:
     encode = records.features_text
     ids = _ids([r.id for r in recs])
     ts = _timestamps([r.ts for r in recs])
     scores = [r.score for r in recs]
     segments = [r.segments or {} for r in recs]
+    if objects:
+        _no_nul(ids)
+        if any(b"\\u0000" in text for text in set(map(_JSON, segments))):  # NUL in a key or value
+            raise _Unrecognised
     features_json = []
     names: set[str] = set()
     for r in recs:
@@ -163,14 +228,19 @@ def _predictions(recs: list[_Prediction]) -> tuple[PredictionRows, frozenset[str
             features_json.append(_EMPTY_FEATURES)
     if names:
         _finite([v for r in recs if r.features for v in r.features.values() if v is not None])
+        if objects:
+            _no_nul(names)
     a = _finite(scores)
     unit = bool(((a >= 0.0) & (a <= 1.0)).all())
     rows = PredictionRows(ids, ts, scores, segments, features_json, names)
     return rows, _BOTH if unit else frozenset((_REGRESSION,))
 
 
-def _feedback(recs: list[_Feedback]) -> tuple[FeedbackRows, frozenset[str]]:
+def _feedback(recs: list[_Feedback] | list[_FeedbackObject],
+              objects: bool = False) -> tuple[FeedbackRows, frozenset[str]]:
     ids = _ids([r.id for r in recs])
+    if objects:
+        _no_nul(ids)
     ts = _timestamps([r.ts for r in recs])
     raw_labels = [r.label for r in recs]
     has_bool = any(type(v) is bool for v in raw_labels)

@@ -35,17 +35,25 @@ def register_model(conn, body: object) -> tuple[store.Model, bool]:
 KINDS = ("predictions", "feedback")
 
 
-def parse_batch(kind: str, model: store.Model, recs: object, max_records: int):
+def parse_batch(kind: str, model: store.Model, recs: object, max_records: int,
+                python_records: bool = False):
     """Validate one batch of ``kind`` records for ``model`` (no database work: the bulk client
     runs it in a thread while PostgreSQL writes the previous batch).
 
     ``recs`` is a list of records, or a ``fastparse.FastBatch`` decoded from an HTTP body:
-    its rows when they are valid for the model's task, else records.py on its records."""
+    its rows when they are valid for the model's task, else records.py on its records.
+    ``python_records``: a list the caller built (the bulk client's) goes through the fast
+    path too (``fastparse.from_objects``); an HTTP body's list is one the fast path refused."""
+    fast = None
     if isinstance(recs, fastparse.FastBatch):
-        rows = recs.rows_for(model.task)
-        if rows is not None:
-            return rows
-        recs = recs.records()
+        fast, recs = recs, None
+    elif python_records:
+        fast = fastparse.from_objects(kind, recs, max_records)
+    rows = None if fast is None else fast.rows_for(model.task)
+    if rows is not None:
+        return rows
+    if recs is None:
+        recs = fast.records()
     parse = records.parse_predictions if kind == "predictions" else records.parse_feedback
     return parse(recs, model.task, max_records)
 

@@ -7,13 +7,14 @@ index, the field and the reason. A batch with any error writes nothing.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 
+import msgspec
 import numpy as np
 import pandas as pd
 
@@ -33,8 +34,14 @@ _MIN_MS = (_MIN_TS - _EPOCH).total_seconds() * 1000.0
 _MAX_MS = (_MAX_TS - _EPOCH).total_seconds() * 1000.0
 
 TASKS = ("binary_classification", "regression")
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # reused: building one is slow
-features_text = _COMPACT_JSON.encode  # a record's clean features as the JSON text stored
+_FEATURES_JSON = msgspec.json.Encoder().encode
+
+
+def features_text(features: dict) -> str:
+    """A record's clean features (finite floats or None) as the JSON text stored (jsonb: the
+    spelling of a number does not matter). msgspec: 0.1 µs a record; json's encoder took 1.5,
+    75 ms of a 50,000-prediction batch."""
+    return _FEATURES_JSON(features).decode()
 
 
 BatchError = ClientError  # the name ingest code and the client have always used
@@ -147,6 +154,14 @@ def iso_ts_many(values: list[str]) -> list[datetime]:
     if out and not (_MIN_TS <= min(out) and max(out) < _MAX_TS):
         raise ValueError("must be between 1900 and 2200")
     return out
+
+
+def utc_times(values: list[datetime]) -> list[datetime]:
+    """``parse_ts`` of datetimes that are all in UTC already: themselves, when they are all
+    between 1900 and 2200 (ValueError if one is not)."""
+    if not (_MIN_TS <= min(values) and max(values) < _MAX_TS):
+        raise ValueError("must be between 1900 and 2200")
+    return values
 
 
 def _utc(ts: datetime) -> datetime:
@@ -278,8 +293,18 @@ def _check_features(rec: dict, i: int, errors: list) -> dict | None:
     return clean
 
 
+class _Times:
+    ts: list[datetime]
+
+    @cached_property
+    def ts_us(self) -> np.ndarray:
+        """``epoch_us(self.ts)``, once: the bulk client's ``make_weeks`` and the write both
+        need it (16 ms a 50,000-row batch)."""
+        return epoch_us(self.ts)
+
+
 @dataclass
-class PredictionRows:
+class PredictionRows(_Times):
     ids: list[str]
     ts: list[datetime]
     scores: list[float]
@@ -289,7 +314,7 @@ class PredictionRows:
 
 
 @dataclass
-class FeedbackRows:
+class FeedbackRows(_Times):
     ids: list[str]
     ts: list[datetime]
     labels: list[float]

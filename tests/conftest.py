@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # start inherit it). test_cache_staleness.py covers the server's default of 10 s.
 os.environ.setdefault("RAW_CACHE_STALE_S", "0")
 TEST_DB = os.environ.get("MLSLI_TEST_DB", "mlsli_test")  # separate runs may share a server
+# Every label stored: on its prediction's row, or in feedback while it waits for its prediction
+# (migration 015). As a FROM item with the columns of feedback.
+STORED_LABELS = ("(SELECT model_id, output_id, label_ts AS ts, label FROM predictions WHERE label IS NOT NULL"
+                 " UNION ALL SELECT model_id, output_id, ts, label FROM feedback) stored_labels")
 
 
 def _with_dbname(url: str, name: str) -> str:

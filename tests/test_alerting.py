@@ -305,8 +305,8 @@ def _oracle_accuracy(database_url: str, end_ms: int, window_s: int) -> tuple[flo
     """scikit-learn's accuracy and the label coverage of (end - window, end], from the tables."""
     conn = psycopg2.connect(database_url)
     with conn.cursor() as cur:
-        cur.execute("""SELECT p.score, f.label, m.threshold FROM predictions p
-                       JOIN models m USING (model_id) LEFT JOIN feedback f USING (model_id, output_id)
+        cur.execute("""SELECT p.score, p.label, m.threshold FROM predictions p
+                       JOIN models m USING (model_id)
                        WHERE m.name = %s AND p.ts > %s AND p.ts <= %s""",
                     (MODEL, datetime.fromtimestamp(end_ms / 1000 - window_s, UTC),
                      datetime.fromtimestamp(end_ms / 1000, UTC)))

@@ -13,7 +13,7 @@ import numpy as np
 
 from datasource import db, ingest, records, store
 from datasource.client import Client
-from tests.conftest import empty_database
+from tests.conftest import STORED_LABELS, empty_database
 from tests.threads import in_thread
 
 DAY_MS = 86_400_000
@@ -110,7 +110,7 @@ def _snapshot(url: str):
     with conn.cursor() as cur:
         cur.execute("SELECT output_id, ts, score, label, label_ts FROM predictions ORDER BY 1")
         p = cur.fetchall()
-        cur.execute("SELECT output_id, ts, label FROM feedback ORDER BY 1")
+        cur.execute(f"SELECT output_id, ts, label FROM {STORED_LABELS} ORDER BY 1")
         f = cur.fetchall()
         cur.execute(f"SELECT segset_id, bucket_end, {', '.join(store.PARTIALS)} FROM rollup ORDER BY 1, 2")
         r = cur.fetchall()

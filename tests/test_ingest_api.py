@@ -8,14 +8,14 @@ import pytest
 
 from datasource import store
 from datasource.records import BatchError
-from tests.conftest import empty_database, with_settings
+from tests.conftest import STORED_LABELS, empty_database, with_settings
 
 GOOD_P = {"id": "a", "ts": "2020-02-01T00:00:00Z", "score": 0.7, "segments": {"b": "x"}, "features": {"f": 1.5}}
 
 
 def _count(app):
     with app.extensions["pool"].connection() as conn, conn.cursor() as cur:
-        cur.execute("SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM feedback),"
+        cur.execute(f"SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM {STORED_LABELS}),"
                     " (SELECT count(*) FROM rollup)")
         return cur.fetchone()
 
@@ -187,7 +187,7 @@ def test_local_and_remote_client_paths_agree(clean_db, app):
             with app.extensions["pool"].connection() as conn, conn.cursor() as cur:
                 cur.execute("SELECT output_id, ts, score, segset_id, features FROM predictions ORDER BY 1")
                 p = cur.fetchall()
-                cur.execute("SELECT output_id, ts, label FROM feedback ORDER BY 1")
+                cur.execute(f"SELECT output_id, ts, label FROM {STORED_LABELS} ORDER BY 1")
                 f = cur.fetchall()
                 cur.execute(f"SELECT segset_id, bucket_end, {', '.join(store.PARTIALS)} FROM rollup ORDER BY 1, 2")
                 r = cur.fetchall()

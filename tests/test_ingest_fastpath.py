@@ -20,12 +20,14 @@ import math
 import random
 from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from datasource import fastparse, http, records
 from datasource.config import Settings
 from datasource.records import BatchError
-from tests.conftest import empty_database, with_settings
+from tests.conftest import STORED_LABELS, empty_database, with_settings
 
 TASKS = ("binary_classification", "regression")
 T0 = datetime(2020, 2, 1, tzinfo=UTC)
@@ -413,6 +415,99 @@ def test_fast_parse_setting():
     assert Settings.from_env({"FAST_PARSE": "0"}).fast_parse == 0
 
 
+# ----------------------------------------------------------------------- Python records
+
+
+def python_value(rng: random.Random, name: str, value):
+    """``value`` of field ``name`` as a Python caller may hand it to Client.local instead."""
+    r = rng.random()
+    if name == "ts" and isinstance(value, str) and r < 0.6:
+        try:
+            t = records.parse_ts(value)
+        except ValueError:
+            return value
+        return rng.choice([t, t.replace(tzinfo=None), t.astimezone(timezone(timedelta(hours=-5))),
+                           np.datetime64(t.replace(tzinfo=None), "us"), pd.Timestamp(t)])
+    if name in ("score", "label") and isinstance(value, float) and r < 0.2:
+        return np.float64(value)
+    if name == "id" and isinstance(value, str) and r < 0.1:
+        return rng.choice([np.str_(value), value + "\x00"])
+    if name == "segments" and isinstance(value, dict) and value and r < 0.1:
+        key = next(iter(value))
+        return {**value, key: "a\x00b"} if rng.random() < 0.5 else {"a\x00": "x", **value}
+    if name == "features" and isinstance(value, dict) and value and r < 0.1:
+        return {**value, rng.choice(["f\x00", "g"]): rng.choice([float("nan"), np.float64(2.5), 3])}
+    return value
+
+
+def python_records(raw: bytes, rng: random.Random) -> list | None:
+    """A JSON body's records, as Python objects, some values in Python's own kinds."""
+    try:
+        value = http.loads(raw)
+    except BatchError:
+        return None
+    recs = value.get("records") if isinstance(value, dict) else None
+    if not isinstance(recs, list):
+        return None
+    return [{k: python_value(rng, k, v) for k, v in rec.items()} if isinstance(rec, dict) else rec
+            for rec in recs]
+
+
+def compare_objects(kind: str, recs: list, task: str, max_records: int = 50_000) -> str:
+    """As ``compare``, for ``fastparse.from_objects`` against records.py on Python records."""
+    batch = fastparse.from_objects(kind, recs, max_records)
+    got = None if batch is None else batch.rows_for(task)
+    parse = records.parse_predictions if kind == "predictions" else records.parse_feedback
+    try:
+        want = parse(recs, task, max_records)
+    except BatchError:
+        assert got is None, f"the fast path accepted records records.py refuses: {recs[:3]!r}"
+        return "refused"
+    if got is None:
+        return "fallback"
+    want.ids = [str(i) for i in want.ids]  # records.py keeps a numpy.str_ id as it came (the same text)
+    assert_same_rows(got, want)
+    return "fast"
+
+
+@pytest.mark.parametrize("kind", ["predictions", "feedback"])
+@pytest.mark.parametrize("task", TASKS)
+def test_python_records_give_the_same_rows(kind, task):
+    """The bulk client's records (``ingest.parse_batch(..., python_records=True)``): valid and
+    invalid batches, with datetimes (aware, naive, in other zones), numpy and pandas values,
+    and NUL in texts, which no JSON body holds. Whatever the fast path accepts, records.py
+    accepts with equal rows; what records.py refuses, the fast path refuses."""
+    rng = random.Random(f"python-{kind}-{task}")
+    make = prediction if kind == "predictions" else feedback
+    outcomes = {"fast": 0, "fallback": 0, "refused": 0}
+    for k in range(600):
+        if k % 2:
+            raw = invalid_body(rng, kind, task, "m")
+        else:
+            recs = [make(rng, task) for _ in range(rng.choice([1, 2, 5, 20, 50]))]
+            raw = emit(body("m", recs, rng), rng)
+        recs = python_records(raw, rng)
+        if recs is not None:
+            outcomes[compare_objects(kind, recs, task)] += 1
+    assert outcomes["fast"] >= 40 and outcomes["refused"] >= 100, outcomes
+
+
+@pytest.mark.parametrize("kind", ["predictions", "feedback"])
+def test_what_a_backfill_sends_takes_the_fast_path(kind):
+    """Aware datetimes, floats and str ids, as the benchmark and the loader build them."""
+    rng = random.Random(kind)
+    recs = []
+    for i in range(3000):
+        rec = {"id": f"o{i}", "ts": T0 + timedelta(microseconds=rng.randrange(30 * 86400 * 10**6))}
+        if kind == "predictions":
+            rec |= {"score": rng.random(), "segments": {"b": rng.choice("xyz")}}
+        else:
+            rec["label"] = rng.choice([0, 1])
+        recs.append(rec)
+    assert compare_objects(kind, recs, "binary_classification") == "fast"
+    assert compare_objects(kind, recs, "binary_classification", max_records=2999) == "refused"
+
+
 # ----------------------------------------------------------------------- through the app
 
 
@@ -435,7 +530,7 @@ def _tables(app):
         for sql in ("SELECT m.name, output_id, ts, score, s.segments::text, features::text"
                     " FROM predictions p JOIN models m USING (model_id)"
                     " JOIN segment_sets s USING (segset_id) ORDER BY 1, 2",
-                    "SELECT m.name, output_id, ts, label FROM feedback JOIN models m USING (model_id)"
+                    f"SELECT m.name, output_id, ts, label FROM {STORED_LABELS} JOIN models m USING (model_id)"
                     " ORDER BY 1, 2",
                     "SELECT count(*) FROM rollup"):
             cur.execute(sql)

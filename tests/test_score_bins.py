@@ -517,6 +517,79 @@ def test_a_key_folds_its_delta_rows_at_max_parts(conn):
     assert got["fp"].sum() == ((scores >= 0.3) & (labels == 0)).sum()
 
 
+def _parts(conn, model_id: int) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM score_bins_5m WHERE model_id = %s AND segset_id = 0", (model_id,))
+        n = cur.fetchone()[0]
+    conn.commit()
+    return n
+
+
+@pytest.mark.parametrize("others", [1, 9])
+def test_a_key_filled_by_batches_committed_while_one_waits_is_folded(clean_db, monkeypatch, others):
+    """A batch counts its keys' rows before the rollup lock and folds those that may have
+    reached MAX_PARTS by the time it holds it (``bins.fold_full``). Here the bulk client's
+    concurrent batches (model lock shared) are played by two connections: batch X counts,
+    then waits before the lock while ``others`` batches on one 5-minute key commit; X must
+    fold the key. With one batch between, X's count (MAX_PARTS - 1, its own row included)
+    plus the revisions taken since reaches MAX_PARTS; with nine, more than FOLD_SLACK
+    revisions were taken, and X counts every key again (its count before, 7, was below
+    MAX_PARTS - FOLD_SLACK)."""
+    import threading
+
+    from datasource import db
+    from datasource.records import parse_feedback, parse_model, parse_predictions
+    from datasource.store import bins, locks
+    from tests.threads import in_thread
+
+    conns = [db.connect(clean_db) for _ in range(2)]
+    try:
+        main, other = conns
+        model, _ = store.upsert_model(main, parse_model({"name": "m", "threshold": 0.5}))
+        main.commit()
+        n = 40
+        preds = [{"id": f"p{i}", "ts": T0_MS + 1000 * (i + 1), "score": i / n} for i in range(n)]
+        store.write_predictions(main, model, parse_predictions(preds, model.task, 10**6))
+        main.commit()
+        start = bins.MAX_PARTS - 2 if others == 1 else bins.MAX_PARTS - bins.FOLD_SLACK - 2
+        label = iter(range(n))
+
+        def write(conn, shared=True):
+            i = next(label)
+            store.write_feedback(conn, model, parse_feedback(
+                [{"id": f"p{i}", "ts": T0_MS + 600_000, "label": i % 2}], model.task, 10), shared)
+            conn.commit()
+
+        while _parts(main, model.model_id) < start:  # one row per prediction batch and label batch
+            write(main, shared=False)
+        assert _parts(main, model.model_id) == start
+        counted, go = threading.Event(), threading.Event()
+        real_lock = locks.lock_rollup
+        x_thread: list[threading.Thread] = []
+
+        def lock_after_others(cur, model_id):
+            if threading.current_thread() in x_thread:
+                counted.set()
+                assert go.wait(30)
+            return real_lock(cur, model_id)
+
+        monkeypatch.setattr(locks, "lock_rollup", lock_after_others)
+        t, out = in_thread(lambda: write(main))
+        x_thread.append(t)
+        assert counted.wait(30)  # X counted MAX_PARTS - 1 rows (7 with nine others), its own included
+        for _ in range(others):
+            write(other)
+        assert _parts(other, model.model_id) == start + others  # X's row not committed yet
+        go.set()
+        t.join(30)
+        assert "error" not in out, out.get("error")
+        assert _parts(main, model.model_id) == 1  # X brought the key to MAX_PARTS rows, and folded them
+        assert store.check_rollup(main, model) == []
+    finally:
+        for c in conns:
+            c.close()
+
+
 def test_the_servers_hourly_upkeep_folds_every_key(clean_db):
     """maintenance.run_once (what each server process runs once an hour) folds every score-bin
     key held in several rows into one; the bins still equal a rebuild."""

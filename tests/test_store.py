@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from datasource import db, ingest, store
+from tests.conftest import STORED_LABELS
 
 T0 = datetime(2020, 2, 1, tzinfo=UTC)
 
@@ -60,7 +61,8 @@ def test_migrations_are_recorded_and_idempotent(conn):
                                                  "005_partial_set.sql", "006_levels_bins.sql", "007_bins_packed.sql",
                                                      "008_partitions_retention.sql", "009_fillfactor.sql",
                                                      "010_bins_suffix.sql", "011_bins_parts.sql", "012_prediction_room.sql",
-                                                     "013_key_collation.sql", "014_partitions_attached.sql"]
+                                                     "013_key_collation.sql", "014_partitions_attached.sql",
+                                                         "015_feedback_waiting.sql"]
 
 
 def test_same_batch_twice_changes_nothing(conn):
@@ -105,7 +107,7 @@ def test_label_correction_replaces_old_label(conn):
     _write(conn, "f", [{"id": "a", "ts": "2020-02-01T05:00:00Z", "label": 1}])
     _write(conn, "f", [{"id": "a", "ts": "2020-02-01T06:00:00Z", "label": 0}])
     with conn.cursor() as cur:
-        cur.execute("SELECT label, ts FROM feedback")
+        cur.execute(f"SELECT label, ts FROM {STORED_LABELS}")
         assert cur.fetchall() == [(0.0, datetime(2020, 2, 1, 6, tzinfo=UTC))]
     by_segset = {r[0]: dict(zip(store.PARTIALS, r[2:], strict=True)) for r in _rollup_all(conn, model)}
     assert by_segset[0]["tp"] == 0 and by_segset[0]["fp"] == 1 and by_segset[0]["n_lab"] == 1
@@ -122,12 +124,36 @@ def test_moved_prediction_leaves_its_old_bucket(conn):
     assert store.check_rollup(conn, model) == []
 
 
+def test_migration_015_keeps_in_feedback_only_the_labels_that_wait(conn):
+    """A store written before migration 015 held every label in feedback too (the label of a
+    stored prediction twice). Applied to such rows, the migration deletes those whose
+    prediction is stored, leaves the waiting ones, and changes no label or count."""
+    model = _register(conn)
+    _write(conn, "p", [{"id": k, "ts": "2020-02-01T00:00:30Z", "score": 0.8} for k in ("a", "b", "c")])
+    _write(conn, "f", [{"id": k, "ts": "2020-02-01T05:00:00Z", "label": 1} for k in ("a", "b", "w")])
+    with conn.cursor() as cur:  # the rows as 008-014 wrote them: each stored prediction's label again
+        cur.execute("INSERT INTO feedback (model_id, output_id, ts, label)"
+                    " SELECT model_id, output_id, label_ts, label FROM predictions WHERE label IS NOT NULL")
+        cur.execute("DELETE FROM schema_version WHERE version = '015_feedback_waiting.sql'")
+    conn.commit()
+    before = _counts(conn)
+    assert before["feedback"] == 5  # a and b twice, w waiting
+    assert db.migrate(conn) == ["015_feedback_waiting.sql"]
+    with conn.cursor() as cur:
+        cur.execute("SELECT output_id, label FROM feedback")
+        assert cur.fetchall() == [("w", 1.0)]
+        cur.execute("SELECT output_id, label FROM predictions ORDER BY 1")
+        assert cur.fetchall() == [("a", 1.0), ("b", 1.0), ("c", None)]
+    assert _counts(conn) == {**before, "feedback": 3}
+    assert store.check_rollup(conn, model) == []
+
+
 def test_rollup_equals_rebuild_after_random_mixed_writes(conn):
     """Random batches of new, repeated, moved predictions, early/late/corrected feedback."""
     model = _register(conn)
     rng = np.random.default_rng(42)
     ids = [f"o{i}" for i in range(400)]
-    truth_pred, truth_label = {}, {}
+    truth_pred, truth_label, truth_label_ms = {}, {}, {}
     for step in range(30):
         pick = rng.choice(ids, size=int(rng.integers(1, 60)), replace=True)
         if rng.random() < 0.55:
@@ -142,6 +168,7 @@ def test_rollup_equals_rebuild_after_random_mixed_writes(conn):
                      "label": int(rng.integers(0, 2))} for i in pick]
             _write(conn, "f", recs)
             truth_label.update({r["id"]: r["label"] for r in recs})
+            truth_label_ms.update({r["id"]: r["ts"] for r in recs})
         assert store.check_rollup(conn, model) == [], f"after batch {step}"
     # Independent oracle for the all-segments rows: recount from the Python-side truth.
     rows = {r[1]: dict(zip(store.PARTIALS, r[2:], strict=True)) for r in _rollup_all(conn, model) if r[0] == 0}
@@ -159,13 +186,23 @@ def test_rollup_equals_rebuild_after_random_mixed_writes(conn):
         assert (got["n_pred"], got["n_lab"], got["tp"]) == (e["n_pred"], e["n_lab"], e["tp"])
         assert got["sum_score"] == pytest.approx(e["sum_score"], rel=1e-9, abs=1e-12)
     assert all(rows[b]["n_pred"] == 0 for b in rows if b not in expect)
-    with conn.cursor() as cur:  # one feedback row per key, and each prediction holds its key's label
-        cur.execute("SELECT output_id, label FROM feedback WHERE model_id = %s", (model.model_id,))
+    with conn.cursor() as cur:  # one label per key, and each prediction holds its key's label
+        cur.execute(f"SELECT output_id, label FROM {STORED_LABELS} WHERE model_id = %s", (model.model_id,))
         feedback = cur.fetchall()
         cur.execute("SELECT output_id, label FROM predictions WHERE model_id = %s", (model.model_id,))
         on_predictions = dict(cur.fetchall())
+        cur.execute("SELECT output_id, (extract(epoch FROM label_ts) * 1000)::int8 FROM predictions"
+                    " WHERE model_id = %s AND label IS NOT NULL", (model.model_id,))
+        label_ms = dict(cur.fetchall())
+        cur.execute("SELECT output_id, label FROM feedback WHERE model_id = %s", (model.model_id,))
+        waiting = dict(cur.fetchall())
     assert sorted(feedback) == sorted((k, float(v)) for k, v in truth_label.items())
     assert on_predictions == {k: (float(truth_label[k]) if k in truth_label else None) for k in truth_pred}
+    # each label's time travels with it (a label that waited, a re-sent prediction keeping its label)
+    assert label_ms == {k: truth_label_ms[k] for k in truth_pred if k in truth_label}
+    # feedback holds the labels whose prediction has not come, and only those (migration 015)
+    assert waiting == {k: float(v) for k, v in truth_label.items() if k not in truth_pred}
+    assert 0 < len(waiting) < len(truth_label)
 
 
 def test_rebuild_restores_a_damaged_rollup(conn):
@@ -295,7 +332,7 @@ def test_ids_and_features_reach_the_tables_as_sent(conn):
     with conn.cursor() as cur:
         cur.execute("SELECT output_id, ts, features FROM predictions WHERE model_id = %s", (model.model_id,))
         stored = {oid: (ts, features) for oid, ts, features in cur.fetchall()}
-        cur.execute("SELECT output_id FROM feedback WHERE model_id = %s", (model.model_id,))
+        cur.execute(f"SELECT output_id FROM {STORED_LABELS} WHERE model_id = %s", (model.model_id,))
         labeled = {r[0] for r in cur.fetchall()}
     assert stored == sent
     assert labeled == {oid for k, oid in enumerate(sent) if k % 200 % 2 == 0}

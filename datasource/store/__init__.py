@@ -5,9 +5,10 @@ upkeep, rebuild, check, schema sync) and ``reads`` (partials per bucket, raw row
 Design, in short:
 
 * ``predictions`` and ``feedback`` are keyed by (model, output_id). A re-sent
-  record replaces the old one (upsert); feedback may come first and joins when
-  its prediction arrives. Both are partitioned by week of ts (``retention``), and each
-  prediction row carries its label, so that reads never join feedback.
+  record replaces the old one (upsert). A label is stored on its prediction's row, so that
+  reads never join feedback; a label that comes before its prediction waits in ``feedback``
+  and moves onto the row when the prediction arrives. Both are partitioned by week of ts
+  (``retention``).
 * ``rollup`` holds mergeable partial aggregates (counts and sums, see
   ``PARTIALS``) per model, one-minute bucket and segment set, plus segset 0 for
   all segments; ``rollup_5m``, ``rollup_1h`` and ``rollup_1d`` hold the same at

@@ -36,11 +36,13 @@ from datasource.store.retention import require_retained
 
 
 def table_counts(conn, model: Model) -> dict[str, int]:
+    """Rows stored: predictions, labels ("feedback": on their predictions' rows, or waiting
+    for them in ``feedback``) and minute rollup rows."""
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT (SELECT count(*) FROM predictions WHERE model_id = %(m)s),"
-            " (SELECT count(*) FROM feedback WHERE model_id = %(m)s),"
-            " (SELECT count(*) FROM rollup WHERE model_id = %(m)s)",
+            "SELECT p.n, p.labeled + (SELECT count(*) FROM feedback WHERE model_id = %(m)s),"
+            " (SELECT count(*) FROM rollup WHERE model_id = %(m)s)"
+            " FROM (SELECT count(*) AS n, count(label) AS labeled FROM predictions WHERE model_id = %(m)s) p",
             {"m": model.model_id},
         )
         p, f, r = cur.fetchone()

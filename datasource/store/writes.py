@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from datasource.errors import ClientError
-from datasource.records import FeedbackRows, PredictionRows, epoch_us
+from datasource.records import FeedbackRows, PredictionRows
 from datasource.store import binary_copy, bins, deltas, locks, retention
 from datasource.store.catalog import Model, _segset_ids, list_models
 from datasource.store.partials import (
@@ -122,9 +122,11 @@ def _analyze_staged(cur, table: str) -> None:
 
 def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
     """Add the deltas of a batch's rows to every level of the rollup and of the score bins:
-    summed in numpy (``deltas``) and sent to staging tables by binary COPY before the model's
-    rollup lock is taken (the batches waiting for it wait less), then under it, with the
-    batch's write revision, one upsert per rollup level and one insert per score-bin level."""
+    summed in numpy (``deltas``) and sent to staging tables by binary COPY, and the score
+    bins' delta rows inserted (``bins.insert_levels``), before the model's rollup lock is
+    taken (the batches waiting for it wait less); then under it, with the batch's write
+    revision, one upsert per rollup level, and the score-bin keys that reached MAX_PARTS rows
+    folded (``bins.fold_full``)."""
     names = deltas.partial_names()
     levels = deltas.rollup_levels(rows, model.threshold)
     bin_rows = bins.encode_levels(deltas.bin_levels(rows)) if model.is_classifier else {}
@@ -138,6 +140,8 @@ def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
         "bucket_end": ("int8", np.concatenate([p["bucket_end"] for p in parts])),
         **{c: ("float8", np.concatenate([p[c] for p in parts])) for c in names}})
     bins.stage_levels(cur, model.model_id, bin_rows)
+    bins.insert_levels(cur, BIN_TABLES, bin_rows)
+    counted = bins.count_near_full(cur, BIN_TABLES, model.model_id, bin_rows)
     revision = locks.lock_rollup(cur, model.model_id)
     values = ", ".join(f"{c}::bigint" if c in COUNT_PARTIALS else c for c in names)
     cur.execute("".join(
@@ -148,7 +152,7 @@ def _merge_delta(cur, model: Model, rows: deltas.BatchRows) -> None:
           revision = excluded.revision,
           {", ".join(f"{c} = {ROLLUP_TABLES[width]}.{c} + excluded.{c}" for c in names)};
         """ for width in LEVELS), {"m": model.model_id, "rev": revision})
-    bins.merge_levels(cur, BIN_TABLES, model.model_id, bin_rows, revision)
+    bins.fold_full(cur, BIN_TABLES, model.model_id, bin_rows, revision, counted)
 
 
 FOLD_CHUNK_KEYS = 2_000  # keys folded per transaction: the model's writers wait for one chunk
@@ -181,8 +185,12 @@ def make_weeks(conn, kind: str, rows: PredictionRows | FeedbackRows) -> int:
     inside the batch's transaction, a week holds the partition lock until that commits, and
     the client's other batch in flight, needing the same week, waited for it (~1 s a week).
     Times before the retention horizon are left to the write, as the write leaves them: a
-    prediction there is refused by name, a label there counted as late; neither needs a week."""
-    us = epoch_us(rows.ts)
+    prediction there is refused by name, a label there counted as late; neither needs a week.
+    A label batch makes none: only labels that wait for their prediction go to ``feedback``
+    (none, when predictions come first), and its write makes their weeks."""
+    if kind == "feedback":
+        return 0
+    us = rows.ts_us
     horizon = retention.raw_horizon(conn)
     if horizon is not None:
         us = us[us >= int(horizon.timestamp() * 1_000_000)]
@@ -209,7 +217,8 @@ def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = F
     Runs in the caller's transaction; the caller commits (one batch, one transaction).
     A key is replaced by delete-then-insert (the partitioned table has no unique index; the
     model's lock makes the pair atomic): the deleted rows give the old contributions, the
-    written rows, with their label from feedback, the new ones. ``shared``: the model's lock
+    written rows the new ones, each with the label its old row held or, for a label that came
+    first, the label waiting in ``feedback`` (whose row it then replaces). ``shared``: the model's lock
     taken shared, for the bulk client's concurrent batches (``locks``).
     Returns the number of distinct output ids written (a repeated id: the last wins).
     """
@@ -219,7 +228,7 @@ def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = F
     segset_ids = _segset_ids(conn, model.model_id, rows.segments)
     last = {oid: i for i, oid in enumerate(rows.ids)}  # later record wins
     keep = np.fromiter(last.values(), np.int64, len(last))
-    us = epoch_us(rows.ts)[keep]
+    us = rows.ts_us[keep]
     scores = np.asarray(rows.scores, np.float64)[keep]
     segsets = np.asarray(segset_ids, np.int64)[keep]
     with conn.cursor() as cur:
@@ -234,15 +243,19 @@ def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = F
             "features": ("jsonb", [rows.features_json[i] for i in keep])})
         _analyze_staged(cur, "stage_predictions")
         params = {"m": model.model_id}
-        replaced = binary_copy.copy_out(
-            conn, f"DELETE FROM predictions p WHERE p.model_id = %(m)s AND {_STAGED.format('stage_predictions')}"
-                  f" RETURNING p.ts, p.score, p.segset_id::int8,"
-                  f" coalesce(p.label, 'NaN')", params, _REPLACED)
-        known = binary_copy.copy_out(  # labels that came before their prediction
-            conn, f"UPDATE stage_predictions s SET label = f.label, label_ts = f.ts FROM feedback f"
-                  f" WHERE f.model_id = %(m)s AND f.output_id = s.output_id"
-                  f" AND {_STAGED.format('stage_predictions').replace('p.', 'f.')}"
-                  f" RETURNING s.ord::int8, s.label", params, {"ord": "int8", "label": "float8"})
+        staged = _STAGED.format("stage_predictions")
+        replaced = binary_copy.copy_out(  # the rows replaced; a re-sent prediction keeps its label
+            conn, f"WITH gone AS (DELETE FROM predictions p WHERE p.model_id = %(m)s AND {staged}"
+                  f" RETURNING p.output_id, p.ts, p.score, p.segset_id, p.label, p.label_ts),"
+                  f" kept AS (UPDATE stage_predictions s SET label = gone.label, label_ts = gone.label_ts"
+                  f" FROM gone WHERE s.output_id = gone.output_id AND gone.label IS NOT NULL RETURNING 1)"
+                  f" SELECT ts, score, segset_id::int8, coalesce(label, 'NaN'), (SELECT count(*) FROM kept)"
+                  f" FROM gone", params, {**_REPLACED, "kept": "int8"})
+        moved = binary_copy.copy_out(  # labels that waited for their prediction move onto its row
+            conn, f"WITH waited AS (DELETE FROM feedback f WHERE f.model_id = %(m)s AND {staged.replace('p.', 'f.')}"
+                  f" RETURNING f.output_id, f.ts, f.label)"
+                  f" UPDATE stage_predictions s SET label = waited.label, label_ts = waited.ts FROM waited"
+                  f" WHERE s.output_id = waited.output_id RETURNING s.ord::int8", params, {"ord": "int8"})
         cur.execute(
             """
             INSERT INTO predictions (model_id, output_id, ts, score, segset_id, features, label, label_ts)
@@ -250,7 +263,10 @@ def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = F
             FROM stage_predictions
             """, params)
         labels = np.full(len(keep), np.nan)
-        labels[known["ord"]] = known["label"]
+        if len(moved["ord"]) or replaced["kept"].any():
+            known = binary_copy.copy_out(conn, "SELECT ord::int8, label FROM stage_predictions"
+                                               " WHERE label IS NOT NULL", {}, {"ord": "int8", "label": "float8"})
+            labels[known["ord"]] = known["label"]
         _merge_delta(cur, model, deltas.BatchRows.concat([
             deltas.BatchRows.of(-1, replaced["ts_us"], replaced["score"], replaced["segset_id"],
                                 replaced["label"]),
@@ -266,17 +282,18 @@ def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = F
 def write_feedback(conn, model: Model, rows: FeedbackRows, shared: bool = False) -> int:
     """Upsert validated feedback (a corrected label replaces the old one), rollup kept exact.
 
-    The label is copied onto its prediction's row: the row as it was gives the old
-    contribution (sign -1), the same row with the new label the new one (+1). A label for a
-    prediction that retention dropped, or with a time before the horizon, is counted
-    (``retention_counts``) and not stored. ``shared`` as in ``write_predictions``. Returns
-    the number of labels stored.
+    The label is stored on its prediction's row: the row as it was gives the old
+    contribution (sign -1), the same row with the new label the new one (+1). A label whose
+    prediction has not come waits in ``feedback`` (a later one for its key replaces it) until
+    ``write_predictions`` moves it onto the row. A label for a prediction that retention
+    dropped, or with a time before the horizon, is counted (``retention_counts``) and not
+    stored. ``shared`` as in ``write_predictions``. Returns the number of labels stored.
     """
     if not rows.ids:
         return 0
     last = {oid: i for i, oid in enumerate(rows.ids)}
     keep = np.fromiter(last.values(), np.int64, len(last))
-    us = epoch_us(rows.ts)[keep]
+    us = rows.ts_us[keep]
     labels = np.asarray(rows.labels, np.float64)[keep]
     horizon = retention.hold_horizon(conn)
     with conn.cursor() as cur:
@@ -290,10 +307,6 @@ def write_feedback(conn, model: Model, rows: FeedbackRows, shared: bool = False)
         stored = len(last)
         if horizon is not None:
             stored -= _drop_late_labels(cur, model, horizon)
-            us_kept = us[us >= int(horizon.timestamp() * 1_000_000)]
-        else:
-            us_kept = us
-        retention.ensure_partitions(cur, "feedback", us_kept)
         params = {"m": model.model_id}
         staged = _STAGED.format("stage_feedback")
         first = binary_copy.copy_out(  # first labels: the rows as they were, but for the label
@@ -305,8 +318,7 @@ def write_feedback(conn, model: Model, rows: FeedbackRows, shared: bool = False)
         rest = _unlabeled_before(conn, first["ord"], stored)
         if len(rest):
             params["rest"] = bins.array_literal(rest)
-            rest_staged = ("output_id = ANY(ARRAY(SELECT output_id FROM stage_feedback WHERE ord = ANY(%(rest)s::int[])"
-                           " ORDER BY output_id))")
+            rest_staged = _ords_staged("rest")
             parts.append(binary_copy.copy_out(  # corrections: the labeled predictions as they were
                 conn, f"SELECT s.ord::int8, p.ts, p.score, p.segset_id::int8, coalesce(p.label, 'NaN')"
                       f" FROM stage_feedback s JOIN predictions p ON p.model_id = %(m)s AND p.output_id = s.output_id"
@@ -316,11 +328,9 @@ def write_feedback(conn, model: Model, rows: FeedbackRows, shared: bool = False)
                 f"""
                 UPDATE predictions p SET label = s.label, label_ts = s.ts FROM stage_feedback s
                 WHERE p.model_id = %(m)s AND p.output_id = s.output_id AND s.ord = ANY(%(rest)s::int[])
-                  AND p.{rest_staged};
-                DELETE FROM feedback f WHERE f.model_id = %(m)s AND f.{rest_staged};
+                  AND p.{rest_staged}
                 """, params)
-        cur.execute("INSERT INTO feedback (model_id, output_id, ts, label)"
-                    " SELECT %(m)s, output_id, ts, label FROM stage_feedback", params)
+            _wait_for_predictions(cur, params, np.setdiff1d(rest, parts[-1]["ord"]), us)
         matched = {k: np.concatenate([part[k] for part in parts]) for k in first}
         old = deltas.BatchRows.of(-1, matched["ts_us"], matched["score"], matched["segset_id"],
                                   matched["label"])
@@ -329,16 +339,33 @@ def write_feedback(conn, model: Model, rows: FeedbackRows, shared: bool = False)
     return stored
 
 
+def _ords_staged(name: str) -> str:
+    """The condition on ``output_id`` for the staged labels whose ``ord`` is in %(name)s."""
+    return (f"output_id = ANY(ARRAY(SELECT output_id FROM stage_feedback WHERE ord = ANY(%({name})s::int[])"
+            " ORDER BY output_id))")
+
+
+def _wait_for_predictions(cur, params: dict, ords: np.ndarray, us: np.ndarray) -> None:
+    """Store in ``feedback`` the staged labels ``ords``, whose predictions have not come,
+    each replacing the label that waited for its key before."""
+    if not len(ords):
+        return
+    retention.ensure_partitions(cur, "feedback", us[ords])
+    params["waiting"] = bins.array_literal(ords)
+    cur.execute(f"DELETE FROM feedback f WHERE f.model_id = %(m)s AND f.{_ords_staged('waiting')};"
+                " INSERT INTO feedback (model_id, output_id, ts, label)"
+                " SELECT %(m)s, output_id, ts, label FROM stage_feedback WHERE ord = ANY(%(waiting)s::int[])",
+                params)
+
+
 def _unlabeled_before(conn, first_ords: np.ndarray, staged: int) -> np.ndarray:
     """The staged labels (their ``ord``) that were not a first label of a stored prediction:
     corrections, and labels that came before their prediction (none, in the common case).
 
-    Why the split: a label is stored on its prediction's row and in ``feedback`` alike (the
-    label a prediction row holds is its key's row in ``feedback``: both are written in the
-    same batch, and a prediction written later copies it), so a prediction still without a
-    label has no ``feedback`` row. Its first label is one UPDATE that returns the row as it
-    was, with no read of the old row before and no ``feedback`` row to delete: the lookup of
-    each key in every weekly partition, done three times per label before, is done once."""
+    Why the split: a prediction still without a label has no ``feedback`` row (a label that
+    waited there moved onto the row when the prediction came). Its first label is one UPDATE
+    that returns the row as it was, with no read of the old row before and nothing written
+    to ``feedback``: the lookup of each key in every weekly partition is done once."""
     if len(first_ords) == staged:
         return np.empty(0, np.int64)
     found = binary_copy.copy_out(conn, "SELECT ord::int8 FROM stage_feedback", {}, {"ord": "int8"})
@@ -494,7 +521,7 @@ def check_rollup(conn, model: Model, rel_tol: float = 1e-9) -> list[dict]:
 def _diff_bins(conn, model: Model, width: int, params: dict, rel_tol: float) -> list[dict]:
     """Stored score-bin records of one level against a rebuild (a missing record is zeros)."""
     table = BIN_TABLES[width]
-    # a key's rows summed (bins.merge_levels appends each batch's delta as a row of its own)
+    # a key's rows summed (bins.insert_levels appends each batch's delta as a row of its own)
     stored = bins.frame(bins.aggregate(bins.read_records(conn, table, f"model_id = %(m)s AND {_AFTER}", params)))
     rebuilt = _bin_rows(conn, bin_contributions(width), params)
     keys = ["segset_id", "bucket_end", "bin"]
