@@ -218,8 +218,8 @@ def write_predictions(conn, model: Model, rows: PredictionRows, shared: bool = F
     A key is replaced by delete-then-insert (the partitioned table has no unique index; the
     model's lock makes the pair atomic): the deleted rows give the old contributions, the
     written rows the new ones, each with the label its old row held or, for a label that came
-    first, the label waiting in ``feedback`` (whose row it then replaces). ``shared``: the model's lock
-    taken shared, for the bulk client's concurrent batches (``locks``).
+    first, the label waiting in ``feedback`` (whose row is then deleted). ``shared``: the
+    model's lock taken shared, for the bulk client's concurrent batches (``locks``).
     Returns the number of distinct output ids written (a repeated id: the last wins).
     """
     if not rows.ids:
