@@ -65,8 +65,8 @@ class Client:
     def local(cls, database_url: str | None = None, data_dir: str | None = None,
               batch_size: int = 50_000, writers: int = 3) -> Client:
         """``writers``: connections that write consecutive batches at once (``_Local.write_all``).
-        On 2 cores, 1M predictions + 800K labels: 1 writer 57K rows/s, 2 writers 67-74K, 3
-        writers 78-80K, 4 writers 70K (benchmarks/README.md)."""
+        On 2 cores, 1M predictions + 800K labels: 1 writer 57-60K rows/s, 3 writers a median
+        of 99.6K in five runs; 4 writers no faster than 3 (benchmarks/README.md)."""
         settings = Settings.from_env(database_url=database_url, data_dir=data_dir)
         return cls(_Local(settings, batch_size, writers))
 

@@ -8,10 +8,11 @@ each a 41-byte little-endian record (the bin, then the BIN_PARTIALS as float64),
 bin: at most 101 records (4,141 bytes), kept inline in the row (``toast_tuple_target`` 8160,
 ``STORAGE PLAIN``: no compression, no TOAST to detoast at read).
 
-Upkeep is read, add, write back: writers of one model add to the bins under its rollup lock
-(``locks``), so no other writer changes a row between the read and the write. A bin whose count drops to
-0 is removed, with its float sums (which would otherwise keep rounding residue); a row whose
-bins all empty keeps an empty value.
+Upkeep appends: a write batch adds, per key it changed, a row holding its delta
+(``insert_levels``, before the model's rollup lock), and reads sum a key's rows. A key that
+reaches MAX_PARTS rows is folded into one under the rollup lock (``fold_full``, ``fold``):
+there a bin whose count summed to 0 is removed, with its float sums (which would otherwise
+keep rounding residue), and a key whose bins all emptied keeps no row.
 
 Reads and writes move the bytes in bulk: a read is one binary COPY of the rows (string_agg of
 the values measured 4x slower), a write sends every changed row in one binary COPY.

@@ -7,12 +7,13 @@ A write batch does two things, each under a lock held to its commit:
   (``client._Local``) takes it shared for the transactions it has in flight at once (one
   per connection), whose keys it has checked to be disjoint, while it holds the model's bulk
   lock (``hold_bulk``: one bulk client per model);
-* **rollup and score bins**: it adds its deltas under the model's rollup lock, and takes the
-  write revision there (``lock_rollup``). One writer at a time holds it, until it commits,
-  so revisions grow in commit order: a cached value that carries the highest revision of its
-  window is stale exactly when a later commit touched that window (``engine``). Had each of
-  two concurrent writers taken its revision at its start, they could commit in the other
-  order.
+* **rollup**: it adds its deltas under the model's rollup lock, and takes the write revision
+  there (``lock_rollup``); the score bins' delta rows go in before it, and only folding a
+  score-bin key happens under it (``bins.fold_full``). One writer at a time holds it, until
+  it commits, so revisions grow in commit order: a cached value that carries the highest
+  revision of its window is stale exactly when a later commit touched that window
+  (``engine``). Had each of two concurrent writers taken its revision at its start, they
+  could commit in the other order.
 
 Why: one PostgreSQL backend runs on one core. The bulk client writes batch n+1's raw rows on
 one connection while batch n adds its deltas and commits on another, and the Python of one
