@@ -144,7 +144,7 @@ def machine(conn) -> dict[str, str]:
         cur.execute("SHOW server_version")
         pg = cur.fetchone()[0]
         settings = []
-        for name in ("shared_buffers", "work_mem", "synchronous_commit", "jit"):
+        for name in ("shared_buffers", "work_mem", "synchronous_commit", "jit", "wal_buffers", "max_wal_size"):
             cur.execute(f"SHOW {name}")
             settings.append(f"{name}={cur.fetchone()[0]}")
     conn.rollback()

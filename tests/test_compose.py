@@ -601,3 +601,26 @@ def test_citus_distribute_sql_places_every_table_once(stub_citus_db):
         assert done.returncode != 0 and table in done.stderr, (done.returncode, done.stderr)
         query(f"DROP TABLE {table}; SELECT 1")
     assert len(query("SELECT call FROM citus_stub.calls")) == len(calls)
+
+
+def test_every_postgres_server_gets_the_write_path_settings(tmp_path):
+    """compose's server, the Citus nodes and the embedded server carry db.WRITE_PATH_SETTINGS
+    (the ingest figures are measured with them); the embedded one from the file that
+    ``db.write_server_settings`` writes and includes from postgresql.conf."""
+    from datasource import db
+
+    flags = [f"{k}={v}" for k, v in db.WRITE_PATH_SETTINGS.items()]
+    servers = {"compose postgres": _raw_config({})["services"]["postgres"]}
+    servers.update({f"citus {k}": v for k, v in _raw_citus({}).items() if k in ("postgres", *CITUS_WORKERS)})
+    for name, service in servers.items():
+        command = service.get("command", [])
+        given = [command[i + 1] for i, arg in enumerate(command) if arg == "-c"]
+        assert set(flags) <= set(given), (name, command)
+    (tmp_path / "postgresql.conf").write_text("max_connections = 100\n")
+    db.write_server_settings(tmp_path)
+    db.write_server_settings(tmp_path)  # at every start: included once
+    conf = (tmp_path / "postgresql.conf").read_text()
+    assert conf.count(f"include_if_exists = '{db.SETTINGS_FILE}'") == 1
+    written = dict(line.split(" = ") for line in (tmp_path / db.SETTINGS_FILE).read_text().splitlines()
+                   if not line.startswith("#"))
+    assert written == {k: f"'{v}'" for k, v in db.WRITE_PATH_SETTINGS.items()}

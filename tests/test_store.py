@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from datasource import db, ingest, store
+from datasource.store.partials import BIN_TABLES, ROLLUP_TABLES
 from tests.conftest import STORED_LABELS
 
 T0 = datetime(2020, 2, 1, tzinfo=UTC)
@@ -62,7 +63,18 @@ def test_migrations_are_recorded_and_idempotent(conn):
                                                      "008_partitions_retention.sql", "009_fillfactor.sql",
                                                      "010_bins_suffix.sql", "011_bins_parts.sql", "012_prediction_room.sql",
                                                      "013_key_collation.sql", "014_partitions_attached.sql",
-                                                         "015_feedback_waiting.sql"]
+                                                         "015_feedback_waiting.sql", "016_rollup_room.sql"]
+
+
+def test_rollup_pages_keep_room_for_updates_and_score_bins_are_filled(conn):
+    """Migration 016: the rollup levels, updated by every batch, keep half of each page free
+    (HOT updates); the score-bin levels, only appended to and folded, are filled."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%(t)s)",
+                    {"t": [*ROLLUP_TABLES.values(), *BIN_TABLES.values()]})
+        fillfactor = {t: [o for o in opts if o.startswith("fillfactor=")] for t, opts in cur.fetchall()}
+    assert fillfactor == {**{t: ["fillfactor=50"] for t in ROLLUP_TABLES.values()},
+                          **{t: ["fillfactor=100"] for t in BIN_TABLES.values()}}
 
 
 def test_same_batch_twice_changes_nothing(conn):
