@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -64,6 +65,16 @@ def test_migrations_are_recorded_and_idempotent(conn):
                                                      "010_bins_suffix.sql", "011_bins_parts.sql", "012_prediction_room.sql",
                                                      "013_key_collation.sql", "014_partitions_attached.sql",
                                                          "015_feedback_waiting.sql", "016_rollup_room.sql"]
+
+
+def test_the_embedded_server_runs_with_the_write_path_settings(conn):
+    """db.embedded_url gives its server db.WRITE_PATH_SETTINGS (mlsli.conf, read at start)."""
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("the tests run on DATABASE_URL's server, whose settings are its owner's")
+    with conn.cursor() as cur:
+        for name, value in db.WRITE_PATH_SETTINGS.items():
+            cur.execute(f"SHOW {name}")
+            assert cur.fetchone()[0] == value, name
 
 
 def test_rollup_pages_keep_room_for_updates_and_score_bins_are_filled(conn):
