@@ -87,9 +87,7 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
                               lambda table, where, p: bins.threshold_sums(conn, table, k, where, p))
             sums = group_sum({**{c: rows[c] for c in keys},
                               **{c: rows[THRESHOLD_FROM_BINS[c]] for c in from_bins}}, keys, from_bins)
-            above = pd.DataFrame(sums, columns=keys + from_bins)
-            df = df.merge(above, on=keys, how="outer").fillna(0.0) if not df.empty or not above.empty \
-                else df.assign(**{c: [] for c in from_bins})
+            df = _outer_join(df, sums, keys, from_bins)
     else:
         require_retained(conn, lo_s)
         bucket = "(ceil(extract(epoch FROM p.ts) / %(g)s)::bigint * %(g)s)"
@@ -106,8 +104,26 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
         """
         df = _frame(conn, sql, params)
     for c in names:
-        df[c] = df[c].astype(np.float64)
+        if df[c].dtype != np.float64:
+            df[c] = df[c].astype(np.float64)
     return df
+
+
+def _outer_join(frame: pd.DataFrame, sums: dict[str, np.ndarray], keys: list[str],
+                names: list[str]) -> pd.DataFrame:
+    """``frame`` with the columns ``names`` of ``sums``, joined on ``keys`` (unique on each
+    side); a key missing on one side counts 0 there. Both sides stacked and summed per key
+    (``group_sum``: x + 0 is x): pandas' outer merge and fillna took 2-3 ms of a 30-day panel
+    at a grid threshold (720 rows), this ~0.3 ms."""
+    n_left, n_right = len(frame), len(sums[keys[0]])
+    own = [c for c in frame.columns if c not in keys]
+    stacked = {k: np.concatenate([frame[k].to_numpy(np.int64), np.asarray(sums[k], np.int64)]) for k in keys}
+    for c in own:
+        column = frame[c].to_numpy()
+        stacked[c] = np.concatenate([column, np.zeros(n_right, column.dtype)])
+    for c in names:
+        stacked[c] = np.concatenate([np.zeros(n_left), np.asarray(sums[c], np.float64)])
+    return pd.DataFrame(group_sum(stacked, keys, own + names), columns=keys + own + names)
 
 
 def _frame(conn, sql: str, params: dict) -> pd.DataFrame:
