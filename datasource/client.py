@@ -66,7 +66,7 @@ class Client:
               batch_size: int = 50_000, writers: int = 3) -> Client:
         """``writers``: connections that write consecutive batches at once (``_Local.write_all``).
         On 2 cores, 1M predictions + 800K labels: 1 writer 57-60K rows/s, 3 writers a median
-        of 106.7K in eight runs (the server with db.WRITE_PATH_SETTINGS); 4 writers no faster
+        of 106.8K in eleven runs (the server with db.WRITE_PATH_SETTINGS); 4 writers no faster
         than 3 (benchmarks/README.md)."""
         settings = Settings.from_env(database_url=database_url, data_dir=data_dir)
         return cls(_Local(settings, batch_size, writers))

@@ -461,6 +461,33 @@ def test_group_sum_sorts_only_when_needed():
     assert {k: v.tolist() for k, v in again.items()} == {k: v.tolist() for k, v in out.items()}
 
 
+@pytest.mark.parametrize("by_segset", [False, True])
+def test_a_grid_thresholds_sums_join_the_rollups_as_an_outer_merge_would(by_segset):
+    """reads._outer_join against pandas' outer merge + fillna(0) (what it replaced): keys on
+    one side only, on both, none at all; the rollup's own columns keep their values."""
+    import pandas as pd
+
+    from datasource.store.reads import _outer_join
+
+    rng = np.random.default_rng(7)
+    keys = ["segset_id", "bucket_end"] if by_segset else ["bucket_end"]
+    for n_left, n_right in ((0, 0), (0, 5), (6, 0), (40, 30), (300, 310)):
+        def unique_keys(n):
+            pairs = rng.choice(600, size=n, replace=False)
+            return {"segset_id": pairs % 3, "bucket_end": 60 * (pairs // 3 + 1)} if by_segset \
+                else {"bucket_end": 60 * (pairs + 1)}
+        left = pd.DataFrame({**unique_keys(n_left), "n_lab": rng.integers(0, 9, n_left).astype(float),
+                             "revision": rng.integers(1, 99, n_left)})[keys + ["n_lab", "revision"]]
+        right = {**unique_keys(n_right), "tp": rng.random(n_right), "fp": rng.random(n_right)}
+        got = _outer_join(left, right, keys, ["tp", "fp"])
+        want = left.merge(pd.DataFrame(right)[keys + ["tp", "fp"]], on=keys, how="outer").fillna(0.0)
+        want = want.sort_values(keys).reset_index(drop=True)
+        assert list(got.columns) == keys + ["n_lab", "revision", "tp", "fp"]
+        assert len(got) == len(want)
+        for c in got.columns:
+            assert np.array_equal(got[c].to_numpy(np.float64), want[c].to_numpy(np.float64)), c
+
+
 def test_packed_rows_are_stored_inline_uncompressed(conn):
     """The design's premise (store/bins.py): a read copies each row's bytes as they are. Rows of
     every bin (over PostgreSQL's 2 KB compression threshold), written through the staging table

@@ -6,7 +6,8 @@
 -- updates found room on the page (a HOT update); the others moved the row to another page and
 -- inserted it into the primary key. At 50 % free: 92 % HOT in the minute rollup, the table no
 -- larger after the run (116 -> 119 MB: fewer rows moved away), and PostgreSQL's CPU time for
--- 800K labels 7 % lower (benchmarks/README.md, "Ingest: the server's WAL settings").
+-- 800K labels 10-19 % lower in three alternated runs (benchmarks/README.md, "Ingest: the
+-- server's WAL settings").
 -- The score-bin levels are only appended to and folded (DELETE, INSERT; since 011): no row is
 -- updated, so the 30 % that 009 kept free there stayed empty.
 -- Existing tables keep their filled pages; the settings apply to the pages filled next.

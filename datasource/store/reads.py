@@ -113,13 +113,15 @@ def _outer_join(frame: pd.DataFrame, sums: dict[str, np.ndarray], keys: list[str
                 names: list[str]) -> pd.DataFrame:
     """``frame`` with the columns ``names`` of ``sums``, joined on ``keys`` (unique on each
     side); a key missing on one side counts 0 there. Both sides stacked and summed per key
-    (``group_sum``: x + 0 is x): pandas' outer merge and fillna took 2-3 ms of a 30-day panel
-    at a grid threshold (720 rows), this ~0.3 ms."""
+    (``group_sum``: x + 0 is x). pandas' outer merge and fillna took ~3 ms of a 30-day panel
+    at a grid threshold (720 rows; benchmarks/README.md, "Reads at a grid threshold")."""
     n_left, n_right = len(frame), len(sums[keys[0]])
     own = [c for c in frame.columns if c not in keys]
     stacked = {k: np.concatenate([frame[k].to_numpy(np.int64), np.asarray(sums[k], np.int64)]) for k in keys}
     for c in own:
         column = frame[c].to_numpy()
+        if column.dtype == object:  # an empty frame's columns
+            column = column.astype(np.float64)
         stacked[c] = np.concatenate([column, np.zeros(n_right, column.dtype)])
     for c in names:
         stacked[c] = np.concatenate([np.zeros(n_left), np.asarray(sums[c], np.float64)])
