@@ -90,16 +90,17 @@ def read_records(conn, table: str, where: str, params: dict,
     return _records(np.array(keys, dtype=np.int64).reshape(-1, 3), b"".join(chunks))
 
 
-def threshold_sums(conn, table: str, k: int, where: str, params: dict) -> dict[str, np.ndarray]:
-    """Per row of ``table`` matching ``where`` (ordered by segset_id, bucket_end): segset_id,
-    bucket_end and the sums of SUFFIX_NAMES over the bins >= k, read from the row's suffix
-    record (32 bytes a row: each row returns one record, of zeros where no bin is >= k)."""
+def threshold_sums(conn, sources: list[tuple[str, str]], k: int, params: dict) -> dict[str, np.ndarray]:
+    """Per row matching one of ``sources`` ((table, where) pairs, the rows of each table
+    matching its ``where``, read in one statement: a panel's levels cost one round trip):
+    segset_id, bucket_end and the sums of SUFFIX_NAMES over the bins >= k, read from the row's
+    suffix record (32 bytes a row: each row returns one record, of zeros where no bin is >= k)."""
     size = SUFFIX.itemsize
     columns = {"segset_id": "int8", "bucket_end": "int8", "sums": f"bytes{size}"}
-    rows = copy_out(conn, f"SELECT t.segset_id::int8, t.bucket_end, substring(t.suffix FROM"
-                          f" {N_BINS + 1} + {size} * get_byte(t.suffix, %(k)s) FOR {size})"
-                          f" FROM {table} t WHERE {where} ORDER BY t.segset_id, t.bucket_end",
-                    {**params, "k": int(k)}, columns)
+    selects = [f"SELECT t.segset_id::int8, t.bucket_end, substring(t.suffix FROM"
+               f" {N_BINS + 1} + {size} * get_byte(t.suffix, %(k)s) FOR {size}) FROM {table} t WHERE {where}"
+               for table, where in sources]
+    rows = copy_out(conn, " UNION ALL ".join(selects), {**params, "k": int(k)}, columns)
     sums = rows.pop("sums").view(SUFFIX)
     return {**rows, **{c: sums[c].astype(np.float64) for c in SUFFIX_NAMES}}
 

@@ -83,8 +83,7 @@ def partials_by_bucket(conn, model: Model, *, g_s: int, lo_s: int | None, hi_s: 
             if k is None:
                 raise ValueError(f"threshold {threshold} is not on the score-bin grid")
             keys = ["segset_id", "bucket_end"] if by_segset else ["bucket_end"]
-            rows = _bin_union(conn, params, segset_ids, by_segset,
-                              lambda table, where, p: bins.threshold_sums(conn, table, k, where, p))
+            rows = _threshold_union(conn, params, segset_ids, by_segset, k)
             sums = group_sum({**{c: rows[c] for c in keys},
                               **{c: rows[THRESHOLD_FROM_BINS[c]] for c in from_bins}}, keys, from_bins)
             df = _outer_join(df, sums, keys, from_bins)
@@ -162,24 +161,38 @@ def _seg_where(segset_ids, by_segset: bool) -> str:
         "segset_id <> 0" if segset_ids is None else "segset_id = ANY(%(segs)s)")
 
 
-def _bin_union(conn, params: dict, segset_ids, by_segset: bool, read=None) -> dict[str, np.ndarray]:
+def _bin_union(conn, params: dict, segset_ids, by_segset: bool) -> dict[str, np.ndarray]:
     """The score-bin records over (lo, hi] from the levels ``_pieces`` picks, each bucket end
     rounded up to its g-bucket: segset_id, bucket_end, bin, BIN_PARTIALS. A (g-bucket, [segset,]
-    bin) may repeat (several level buckets or segment sets in one): the callers sum.
-    ``read(table, where, params)``: what to read of each row (default: its bin records)."""
+    bin) may repeat (several level buckets or segment sets in one): the callers sum."""
     g = params["g"]
-    if read is None:
-        def read(table, where, p):
-            return bins.read_records(conn, table, where, p)
     parts = []
     for width, a, b in _pieces(params, tuple(sorted(BIN_TABLES))):
         lower = "" if a is None else "AND bucket_end > %(a)s"
-        part = read(BIN_TABLES[width], f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
+        part = bins.read_records(conn, BIN_TABLES[width], f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
                                        " AND bucket_end <= %(b)s", {**params, "a": a, "b": b})
         if width != g:
             part["bucket_end"] = -(-part["bucket_end"] // g) * g
         parts.append(part)
     return bins.concat(parts)
+
+
+def _threshold_union(conn, params: dict, segset_ids, by_segset: bool, k: int) -> dict[str, np.ndarray]:
+    """``bins.threshold_sums`` of the score-bin rows over (lo, hi] from the levels ``_pieces``
+    picks, in one statement, each bucket end rounded up to its g-bucket (as ``_bin_union``;
+    a multiple of g stays itself). One statement instead of one per level: the 30-day panel
+    at a grid threshold read two levels in two round trips."""
+    g = params["g"]
+    params = dict(params)
+    sources = []
+    for i, (width, a, b) in enumerate(_pieces(params, tuple(sorted(BIN_TABLES)))):
+        params[f"a{i}"], params[f"b{i}"] = a, b
+        lower = "" if a is None else f"AND bucket_end > %(a{i})s"
+        sources.append((BIN_TABLES[width], f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
+                                           f" AND bucket_end <= %(b{i})s"))
+    rows = bins.threshold_sums(conn, sources, k, params)
+    rows["bucket_end"] = -(-rows["bucket_end"] // g) * g
+    return rows
 
 
 def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[str, str]],
