@@ -169,8 +169,8 @@ def _bin_union(conn, params: dict, segset_ids, by_segset: bool) -> dict[str, np.
     parts = []
     for width, a, b in _pieces(params, tuple(sorted(BIN_TABLES))):
         lower = "" if a is None else "AND bucket_end > %(a)s"
-        part = bins.read_records(conn, BIN_TABLES[width], f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
-                                       " AND bucket_end <= %(b)s", {**params, "a": a, "b": b})
+        where = f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower} AND bucket_end <= %(b)s"
+        part = bins.read_records(conn, BIN_TABLES[width], where, {**params, "a": a, "b": b})
         if width != g:
             part["bucket_end"] = -(-part["bucket_end"] // g) * g
         parts.append(part)
@@ -183,16 +183,25 @@ def _threshold_union(conn, params: dict, segset_ids, by_segset: bool, k: int) ->
     a multiple of g stays itself). One statement instead of one per level: the 30-day panel
     at a grid threshold read two levels in two round trips."""
     g = params["g"]
-    params = dict(params)
-    sources = []
-    for i, (width, a, b) in enumerate(_pieces(params, tuple(sorted(BIN_TABLES)))):
-        params[f"a{i}"], params[f"b{i}"] = a, b
-        lower = "" if a is None else f"AND bucket_end > %(a{i})s"
-        sources.append((BIN_TABLES[width], f"model_id = %(m)s AND {_seg_where(segset_ids, by_segset)} {lower}"
-                                           f" AND bucket_end <= %(b{i})s"))
-    rows = bins.threshold_sums(conn, sources, k, params)
+    pieces, params = _piece_wheres(params, BIN_TABLES, segset_ids, by_segset)
+    rows = bins.threshold_sums(conn, [(BIN_TABLES[width], where) for width, where in pieces], k, params)
     rows["bucket_end"] = -(-rows["bucket_end"] // g) * g
     return rows
+
+
+def _piece_wheres(params: dict, tables: dict[int, str], segset_ids,
+                  by_segset: bool) -> tuple[list[tuple[int, str]], dict]:
+    """The levels ``_pieces`` picks among ``tables`` for (lo, hi], each with the WHERE that
+    selects its rows (bounds named a0, b0, a1, …: one statement can hold them all), and the
+    params with those bounds added."""
+    params = dict(params)
+    seg_where = _seg_where(segset_ids, by_segset)
+    pieces = []
+    for i, (width, a, b) in enumerate(_pieces(params, tuple(sorted(tables)))):
+        params[f"a{i}"], params[f"b{i}"] = a, b
+        lower = "" if a is None else f"AND bucket_end > %(a{i})s"
+        pieces.append((width, f"model_id = %(m)s AND {seg_where} {lower} AND bucket_end <= %(b{i})s"))
+    return pieces, params
 
 
 def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[str, str]],
@@ -201,16 +210,9 @@ def _level_union(conn, tables: dict[int, str], params: dict, sums: list[tuple[st
     serve (lo, hi] (``_pieces``). Read through binary COPY (every column 8 bytes: numeric
     sums would otherwise arrive as Decimals)."""
     g = params["g"]
-    pieces = _pieces(params, tuple(sorted(tables)))
-    seg_where = _seg_where(segset_ids, by_segset)
-    params = dict(params)
-    selects = []
-    for i, (width, a, b) in enumerate(pieces):
-        params[f"a{i}"], params[f"b{i}"] = a, b
-        lower = "" if a is None else f"AND bucket_end > %(a{i})s"
-        selects.append(f"SELECT segset_id, bucket_end, {', '.join(dict.fromkeys(read))}"
-                       f" FROM {tables[width]} WHERE model_id = %(m)s AND {seg_where}"
-                       f" {lower} AND bucket_end <= %(b{i})s")
+    pieces, params = _piece_wheres(params, tables, segset_ids, by_segset)
+    selects = [f"SELECT segset_id, bucket_end, {', '.join(dict.fromkeys(read))} FROM {tables[width]} WHERE {where}"
+               for width, where in pieces]
     # ceil(bucket_end / g) * g in integers (bigint / truncates towards zero)
     bucket = "((r.bucket_end / %(g)s + (r.bucket_end %% %(g)s > 0)::int) * %(g)s)"
     keys = [(bucket, "bucket_end")] + ([("r.segset_id", "segset_id")] if by_segset else [])
